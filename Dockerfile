@@ -1,0 +1,24 @@
+# One image, two targets: `api` (no torch) and `worker` (the learning stack, CPU torch by
+# default; build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 for GPUs).
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    OUTCOMELOOP_DATA_DIR=/data
+WORKDIR /app
+RUN useradd --create-home --uid 1000 outcomeloop && mkdir -p /data && chown outcomeloop /data
+COPY pyproject.toml README.md alembic.ini ./
+COPY services ./services
+COPY workers ./workers
+COPY migrations ./migrations
+
+FROM base AS api
+RUN pip install --no-cache-dir .
+USER outcomeloop
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
+CMD ["outcomeloop", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
+
+FROM base AS worker
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --extra-index-url ${TORCH_INDEX} ".[ml]"
+USER outcomeloop
+CMD ["celery", "-A", "workers.celery_app", "worker", "-Q", "cpu", "--concurrency", "1"]

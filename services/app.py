@@ -1,0 +1,118 @@
+"""The FastAPI application: built once per process by `create_app`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from services import metrics
+from services.conversations.endpoints import router as conversations_router
+from services.db import make_engine, make_session_factory
+from services.errors import DomainError
+from services.settings import Settings, get_settings
+from services.tenants.endpoints import router as businesses_router
+
+log = logging.getLogger(__name__)
+
+
+def _describe_validation_error(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    if error.get("type") == "json_invalid":
+        return f"malformed JSON: {error.get('ctx', {}).get('error', error.get('msg'))}"
+    return f"{location or 'body'}: {error.get('msg')}"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.is_embedded:
+            # The embedded default migrates its own SQLite file; Postgres deployments run
+            # `outcomeloop db upgrade` as a release step instead.
+            from services.migrate import upgrade
+
+            upgrade(settings.sqlalchemy_url)
+        engine = make_engine(
+            settings.sqlalchemy_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+        )
+        app.state.engine = engine
+        app.state.session_factory = make_session_factory(engine)
+        app.state.settings = settings
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title="outcomeloop",
+        version="0.1.0",
+        description="Suggested responses that drive conversation outcomes.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [_describe_validation_error(dict(e)) for e in exc.errors()]
+        return JSONResponse(
+            status_code=422,
+            content={"detail": "; ".join(problems), "errors": jsonable_errors(exc)},
+        )
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database error: %s", exc)
+        return JSONResponse(
+            status_code=503, content={"detail": "the database is unavailable; retry later"}
+        )
+
+    @app.middleware("http")
+    async def _observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        metrics.HTTP_LATENCY.labels(template, request.method).observe(time.perf_counter() - started)
+        metrics.HTTP_REQUESTS.labels(
+            template, request.method, f"{response.status_code // 100}xx"
+        ).inc()
+        return response
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz(request: Request) -> dict[str, str]:
+        with request.app.state.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return {"status": "ok", "database": request.app.state.engine.dialect.name}
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    def prometheus_metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(conversations_router)
+    app.include_router(businesses_router)
+    return app
+
+
+def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+        for e in exc.errors()
+    ]

@@ -1,0 +1,1 @@
+"""The conversation log: conversations, messages, suggestions, outcomes and how they ended."""

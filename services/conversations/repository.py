@@ -1,0 +1,160 @@
+"""All SQL about the conversation log."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from services.conversations.models import Conversation, Message, Outcome, Suggestion
+
+
+def get_conversation(
+    session: Session, *, conversation_id: str, business_id: str, full: bool = False
+) -> Conversation | None:
+    query = select(Conversation).where(
+        Conversation.id == conversation_id, Conversation.business_id == business_id
+    )
+    if full:
+        query = query.options(
+            selectinload(Conversation.messages),
+            selectinload(Conversation.suggestions),
+            selectinload(Conversation.outcomes),
+        )
+    return session.scalars(query).first()
+
+
+def get_conversation_by_external_id(
+    session: Session, *, business_id: str, external_id: str
+) -> Conversation | None:
+    return session.scalars(
+        select(Conversation).where(
+            Conversation.business_id == business_id, Conversation.external_id == external_id
+        )
+    ).first()
+
+
+def lock_conversation(
+    session: Session, *, conversation_id: str, business_id: str
+) -> Conversation | None:
+    """Take the conversation's write lock and return its current row.
+
+    A no-op UPDATE rather than SELECT ... FOR UPDATE: it locks the row on Postgres and takes
+    SQLite's write lock as the transaction's first statement, so appends to one conversation
+    are serialised on both backends.
+    """
+    locked = session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.business_id == business_id)
+        .values(message_count=Conversation.message_count)
+        .returning(Conversation.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if locked is None:
+        return None
+    return session.get(Conversation, conversation_id, populate_existing=True)
+
+
+LogRow = Conversation | Message | Suggestion | Outcome
+
+
+def add(session: Session, row: LogRow) -> None:
+    session.add(row)
+    session.flush()
+
+
+def add_all(
+    session: Session, rows: Sequence[Conversation | Message | Suggestion | Outcome]
+) -> None:
+    session.add_all(rows)
+    session.flush()
+
+
+def find_message_by_client_id(
+    session: Session, *, conversation_id: str, client_message_id: str
+) -> Message | None:
+    return session.scalars(
+        select(Message).where(
+            Message.conversation_id == conversation_id,
+            Message.client_message_id == client_message_id,
+        )
+    ).first()
+
+
+def find_outcome_by_client_id(
+    session: Session, *, conversation_id: str, client_id: str
+) -> Outcome | None:
+    return session.scalars(
+        select(Outcome).where(
+            Outcome.conversation_id == conversation_id, Outcome.client_id == client_id
+        )
+    ).first()
+
+
+def get_suggestion(session: Session, *, suggestion_id: str) -> Suggestion | None:
+    return session.get(Suggestion, suggestion_id)
+
+
+def message_linked_to(session: Session, *, suggestion_id: str) -> Message | None:
+    return session.scalars(select(Message).where(Message.suggestion_id == suggestion_id)).first()
+
+
+def get_message(session: Session, *, conversation_id: str, message_id: str) -> Message | None:
+    return session.scalars(
+        select(Message).where(Message.conversation_id == conversation_id, Message.id == message_id)
+    ).first()
+
+
+def last_message(session: Session, *, conversation_id: str) -> Message | None:
+    return session.scalars(
+        select(Message)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(Message.seq.desc())
+        .limit(1)
+    ).first()
+
+
+def count_outcomes(session: Session, *, conversation_id: str) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Outcome)
+            .where(Outcome.conversation_id == conversation_id)
+        )
+        or 0
+    )
+
+
+def iter_conversations(
+    session: Session,
+    *,
+    business_id: str | None = None,
+    ended_only: bool = False,
+    since: datetime | None = None,
+    batch_size: int = 200,
+) -> Iterator[Conversation]:
+    """Stream conversations with messages, suggestions and outcomes loaded, oldest first."""
+    query = select(Conversation).order_by(Conversation.created_at, Conversation.id)
+    if business_id is not None:
+        query = query.where(Conversation.business_id == business_id)
+    if ended_only:
+        query = query.where(Conversation.status == "closed")
+    if since is not None:
+        query = query.where(Conversation.created_at >= since)
+    ids = list(session.scalars(query.with_only_columns(Conversation.id)))
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        rows = session.scalars(
+            select(Conversation)
+            .where(Conversation.id.in_(chunk))
+            .options(
+                selectinload(Conversation.messages),
+                selectinload(Conversation.suggestions),
+                selectinload(Conversation.outcomes),
+            )
+        ).all()
+        by_id = {row.id: row for row in rows}
+        for conversation_id in chunk:
+            yield by_id[conversation_id]

@@ -1,0 +1,54 @@
+"""FastAPI dependencies shared by the routers: session, settings, caller."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from services.settings import Settings
+from services.tenants.service import Principal, authenticate
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session for one request. Routers commit before answering; anything else rolls back."""
+    session: Session = request.app.state.session_factory()
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def get_principal(
+    session: SessionDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Principal:
+    return authenticate(session, authorization=authorization)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def business_id_of(principal: PrincipalDep) -> str:
+    return principal.require_business()
+
+
+def require_operator(principal: PrincipalDep) -> Principal:
+    principal.require_operator()
+    return principal
+
+
+BusinessIdDep = Annotated[str, Depends(business_id_of)]
+OperatorDep = Annotated[Principal, Depends(require_operator)]

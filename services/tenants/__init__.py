@@ -1,0 +1,1 @@
+"""Businesses (tenants), API keys and the auth dependencies."""
