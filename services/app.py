@@ -16,10 +16,16 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from services import metrics
+from services import models as _all_tables  # noqa: F401  (every table known to the ORM)
 from services.conversations.endpoints import router as conversations_router
 from services.db import make_engine, make_session_factory
 from services.errors import DomainError
+from services.experiments.endpoints import router as experiments_router
+from services.generation.base import GenerationBackend
+from services.generation.factory import BackendHolder, ModelNotPrepared
+from services.policies.endpoints import router as policies_router
 from services.settings import Settings, get_settings
+from services.suggestions.endpoints import router as suggestions_router
 from services.tenants.endpoints import router as businesses_router
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,10 @@ def _describe_validation_error(error: dict[str, Any]) -> str:
     return f"{location or 'body'}: {error.get('msg')}"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, backend: GenerationBackend | None = None
+) -> FastAPI:
+    """Build the app; `backend` overrides the configured generation backend (tests)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -51,9 +60,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
         app.state.settings = settings
+        app.state.backends = BackendHolder(settings, backend)
+        if backend is None:
+            try:
+                app.state.backends.get()
+            except ModelNotPrepared as exc:
+                log.warning("suggestions unavailable until the model is prepared: %s", exc)
         try:
             yield
         finally:
+            app.state.backends.close()
             engine.dispose()
 
     app = FastAPI(
@@ -107,7 +123,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(conversations_router)
+    app.include_router(suggestions_router)
     app.include_router(businesses_router)
+    app.include_router(policies_router)
+    app.include_router(experiments_router)
     return app
 
 

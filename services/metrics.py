@@ -20,8 +20,19 @@ HTTP_LATENCY = Histogram(
 MESSAGES = Counter("outcomeloop_messages_total", "Messages appended to conversations.", ["role"])
 SUGGESTION_REPLIES = Counter(
     "outcomeloop_suggestion_replies_total",
-    "Business messages that answered a suggestion, by how they relate to it.",
-    ["relation"],
+    "Business messages that answered a suggestion, by arm and how they relate to it.",
+    ["arm", "relation"],
+)
+SUGGESTIONS = Counter(
+    "outcomeloop_suggestions_total",
+    "Suggestion requests by arm, backend and result (ok, abstain, fallback, error).",
+    ["arm", "backend", "result"],
+)
+SUGGESTION_LATENCY = Histogram(
+    "outcomeloop_suggestion_seconds",
+    "Time to generate a suggestion (prompt building and the backend), by arm and backend.",
+    ["arm", "backend"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
 )
 OUTCOMES = Counter("outcomeloop_outcomes_total", "Outcomes recorded.")
 CONVERSATIONS_ENDED = Counter(
@@ -29,7 +40,7 @@ CONVERSATIONS_ENDED = Counter(
 )
 
 
-def record_message(message: Message) -> None:
+def record_message(message: Message, arm: str | None) -> None:
     MESSAGES.labels(role=message.role).inc()
     if message.suggestion_relation is not None:
-        SUGGESTION_REPLIES.labels(relation=message.suggestion_relation).inc()
+        SUGGESTION_REPLIES.labels(arm=arm or "none", relation=message.suggestion_relation).inc()

@@ -2,8 +2,10 @@
 
 from services.conversations import models as conversations
 from services.db import Base
+from services.experiments import models as experiments
+from services.policies import models as policies
 from services.tenants import models as tenants
 
 metadata = Base.metadata
 
-__all__ = ["conversations", "metadata", "tenants"]
+__all__ = ["conversations", "experiments", "metadata", "policies", "tenants"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field, field_validator
@@ -44,6 +45,47 @@ class Settings(BaseSettings):
 
     log_level: str = Field(default="INFO", description="Root log level.")
 
+    # -- suggestions -------------------------------------------------------------------------
+    base_model: Path | None = Field(
+        default=None,
+        description="Local Hugging Face checkpoint of the base model every policy adapts. "
+        "Unset: DATA_DIR/models/smollm2-135m-instruct (made by `outcomeloop models prepare`).",
+    )
+    generation_backend: Literal["embedded", "vllm"] = Field(
+        default="embedded", description="embedded: in-process transformers; vllm: HTTP server."
+    )
+    vllm_url: str = Field(
+        default="http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI server."
+    )
+    vllm_api_key: str | None = Field(default=None, description="Bearer key for vLLM, if any.")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Weights dtype of the embedded model."
+    )
+    max_context_tokens: int = Field(
+        default=2048, ge=64, description="Prompt + completion budget; older turns are dropped."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, le=1024, description="Suggestion length cap.")
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    max_candidates: int = Field(default=4, ge=1, le=16, description="Largest `n` accepted.")
+    generation_timeout_s: float = Field(
+        default=30.0, gt=0, description="Give up on the backend after this many seconds."
+    )
+    on_backend_error: Literal["error", "abstain"] = Field(
+        default="error",
+        description="When the backend fails or times out: answer 503/504, or log and return an "
+        "abstention.",
+    )
+    require_customer_turn: bool = Field(
+        default=True,
+        description="Refuse to suggest unless the latest message is the customer's (or none).",
+    )
+    embedded_max_batch: int = Field(default=8, ge=1, description="Requests per generate call.")
+    embedded_batch_window_ms: float = Field(
+        default=10.0, ge=0, description="How long the embedded backend waits to fill a batch."
+    )
+
     @field_validator("database_url")
     @classmethod
     def _normalise_postgres_driver(cls, value: str | None) -> str | None:
@@ -57,6 +99,14 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_dir / 'outcomeloop.sqlite3'}"
+
+    @property
+    def base_model_path(self) -> Path:
+        return self.base_model or self.data_dir / "models" / "smollm2-135m-instruct"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
 
     @property
     def is_embedded(self) -> bool:

@@ -116,3 +116,32 @@ def client(store: Store) -> Iterator[TestClient]:
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama + tokenizer (see tests/tiny_model.py)."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A zero-initialised adapter (= the base model) and a perturbed one (differs from it)."""
+    from workers.learning.adapters import LoraSpec, create_zero_adapter, perturb_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    zero = create_zero_adapter(tiny_model, root / "zero", LoraSpec(r=4, alpha=8))
+    noisy = perturb_adapter(zero, root / "noisy", scale=0.5, seed=1)
+    return {"zero": zero, "noisy": noisy}
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_model: Path) -> Iterator[object]:
+    """One embedded backend on the tiny model, shared by the API tests (loading is the cost)."""
+    from services.generation.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(tiny_model, device="cpu", dtype="float32", max_context_tokens=512)
+    yield backend
+    backend.close()

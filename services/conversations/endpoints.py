@@ -71,7 +71,7 @@ def append_message(
     session.commit()
     _mark(response, written.replayed)
     if not written.replayed:
-        metrics.record_message(written.row)
+        metrics.record_message(written.row, written.arm)
     return schemas.MessageOut.model_validate(written.row)
 
 

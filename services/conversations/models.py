@@ -81,6 +81,10 @@ class Conversation(Base):
     # Number of messages so far = seq of the latest one; bumped under the row lock on append.
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
+    # The A/B arm serving this conversation, fixed at its first suggestion for its whole life.
+    arm_id: Mapped[str | None] = mapped_column(
+        ForeignKey("arms.id", ondelete="RESTRICT"), default=None, index=True
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

@@ -93,6 +93,31 @@ def find_outcome_by_client_id(
     ).first()
 
 
+def find_suggestion_by_client_id(
+    session: Session, *, conversation_id: str, client_request_id: str
+) -> Suggestion | None:
+    return session.scalars(
+        select(Suggestion).where(
+            Suggestion.conversation_id == conversation_id,
+            Suggestion.client_request_id == client_request_id,
+        )
+    ).first()
+
+
+def suggestions_for_request(
+    session: Session, *, conversation_id: str, client_request_ids: Sequence[str]
+) -> list[Suggestion]:
+    """The suggestions logged under these request ids, in the order of the ids."""
+    rows = session.scalars(
+        select(Suggestion).where(
+            Suggestion.conversation_id == conversation_id,
+            Suggestion.client_request_id.in_(list(client_request_ids)),
+        )
+    ).all()
+    order = {key: i for i, key in enumerate(client_request_ids)}
+    return sorted(rows, key=lambda row: order[row.client_request_id or ""])
+
+
 def get_suggestion(session: Session, *, suggestion_id: str) -> Suggestion | None:
     return session.get(Suggestion, suggestion_id)
 

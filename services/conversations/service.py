@@ -30,6 +30,7 @@ class Written(Generic[T]):
 
     row: T
     replayed: bool = False
+    arm: str | None = None  # for a business message: the arm of the suggestion it answered
 
 
 def check_text(text: str, *, settings: Settings, what: str = "text") -> str:
@@ -122,7 +123,7 @@ def append_message(
             "it accepts no more messages"
         )
 
-    relation = similarity = None
+    relation = similarity = arm = None
     if suggestion_id is not None:
         if role is not Speaker.BUSINESS:
             raise Invalid("suggestion_id is only allowed on business messages")
@@ -139,6 +140,7 @@ def append_message(
         relation, similarity = classify_reply(
             suggestion.text, text, threshold=settings.edit_similarity_threshold
         )
+        arm = suggestion.arm
 
     now = utcnow()
     conversation.message_count += 1
@@ -155,7 +157,7 @@ def append_message(
         created_at=now,
     )
     repository.add(session, message)
-    return Written(message)
+    return Written(message, arm=arm)
 
 
 def record_suggestion(
@@ -174,16 +176,26 @@ def record_suggestion(
     propensity: float | None = None,
     latency_ms: float | None = None,
     client_request_id: str | None = None,
+    state_seq: int | None = None,
 ) -> Written[Suggestion]:
-    """Log a suggestion (text None = abstained) for the conversation's current state."""
+    """Log a suggestion (text None = abstained) for the state ending at message `state_seq`
+    (default: the latest message)."""
     if text is not None:
-        check_text(text, settings=settings, what="suggestion text")
+        text = text[: settings.max_message_chars]
     conversation = _lock(session, business_id=business_id, conversation_id=conversation_id)
-    if conversation.status == "closed":
-        raise Conflict(f"conversation {conversation.id} is closed; nothing to suggest")
+    if client_request_id is not None:
+        earlier = repository.find_suggestion_by_client_id(
+            session, conversation_id=conversation.id, client_request_id=client_request_id
+        )
+        if earlier is not None:
+            return Written(earlier, replayed=True)
+    if state_seq is None:
+        state_seq = conversation.message_count
+    if not 0 <= state_seq <= conversation.message_count:
+        raise Invalid(f"state_seq {state_seq} is outside 0..{conversation.message_count}")
     suggestion = Suggestion(
         conversation_id=conversation.id,
-        state_seq=conversation.message_count,
+        state_seq=state_seq,
         text=text,
         policy_version=policy_version,
         arm=arm,

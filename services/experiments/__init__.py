@@ -1,0 +1,1 @@
+"""A/B experiments: arms (policy + weight), sticky assignment, exploration personas."""

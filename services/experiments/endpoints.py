@@ -1,0 +1,57 @@
+"""Operator endpoints for A/B experiments."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from services.deps import OperatorDep, SessionDep
+from services.experiments import repository, schemas, service
+
+router = APIRouter(prefix="/v1/experiments", tags=["operator"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.ExperimentOut)
+def create_experiment(
+    body: schemas.ExperimentCreate, session: SessionDep, _: OperatorDep
+) -> schemas.ExperimentOut:
+    experiment = service.create_experiment(
+        session,
+        name=body.name,
+        business_id=body.business_id,
+        unit=body.unit,
+        arms=[service.ArmSpec(a.name, a.policy_id, a.weight) for a in body.arms],
+        exploration=body.exploration.model_dump() if body.exploration else None,
+    )
+    session.commit()
+    return schemas.ExperimentOut.model_validate(experiment)
+
+
+@router.get("", response_model=list[schemas.ExperimentOut])
+def list_experiments(session: SessionDep, _: OperatorDep) -> list[schemas.ExperimentOut]:
+    return [schemas.ExperimentOut.model_validate(e) for e in repository.list_experiments(session)]
+
+
+@router.get("/{experiment_id}", response_model=schemas.ExperimentOut)
+def get_experiment(
+    experiment_id: str, session: SessionDep, _: OperatorDep
+) -> schemas.ExperimentOut:
+    experiment = service.get_experiment(session, experiment_id=experiment_id)
+    return schemas.ExperimentOut.model_validate(experiment)
+
+
+@router.post("/{experiment_id}/weights", response_model=schemas.ExperimentOut)
+def set_weights(
+    experiment_id: str, body: schemas.WeightsUpdate, session: SessionDep, _: OperatorDep
+) -> schemas.ExperimentOut:
+    experiment = service.set_weights(session, experiment_id=experiment_id, weights=body.weights)
+    session.commit()
+    return schemas.ExperimentOut.model_validate(experiment)
+
+
+@router.post("/{experiment_id}/stop", response_model=schemas.ExperimentOut)
+def stop_experiment(
+    experiment_id: str, session: SessionDep, _: OperatorDep
+) -> schemas.ExperimentOut:
+    experiment = service.stop_experiment(session, experiment_id=experiment_id)
+    session.commit()
+    return schemas.ExperimentOut.model_validate(experiment)

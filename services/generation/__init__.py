@@ -1,0 +1,1 @@
+"""Generation backends behind one interface: embedded (transformers + peft) and vLLM (HTTP)."""

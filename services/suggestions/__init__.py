@@ -1,0 +1,1 @@
+"""The main job: suggest the business's next message from the conversation's A/B arm."""

@@ -1,0 +1,113 @@
+"""The embedded backend on a tiny real model: adapters, mixed batches, log-probs, timeouts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.generation.base import (
+    AdapterMissing,
+    AdapterRef,
+    BackendTimeout,
+    GenerationRequest,
+    SamplingParams,
+)
+from services.generation.embedded import EmbeddedBackend
+from services.policies.prompt import ChatMessage
+
+PROMPT = [
+    ChatMessage("system", "You write for a kitchen business."),
+    ChatMessage("user", "Hi, do you renovate kitchens?"),
+]
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path) -> Iterator[EmbeddedBackend]:
+    engine = EmbeddedBackend(tiny_model, device="cpu", dtype="float32", batch_window_ms=50)
+    yield engine
+    engine.close()
+
+
+def _greedy_base(tiny_model: Path, messages: list[ChatMessage], n_tokens: int) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    text = tokenizer.apply_chat_template(
+        [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(
+        **ids, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    new = out[0, ids["input_ids"].shape[1] :].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id) + 1]
+    return str(tokenizer.decode(new, skip_special_tokens=True))
+
+
+def test_zero_adapter_reproduces_the_base_model(
+    backend: EmbeddedBackend, tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    zero = AdapterRef("pi0", str(tiny_adapters["zero"]))
+    result = backend.generate(GenerationRequest(PROMPT, zero, GREEDY), timeout=60)
+    [completion] = result.completions
+    assert completion.text == _greedy_base(tiny_model, PROMPT, GREEDY.max_new_tokens)
+    assert completion.num_tokens > 0 and completion.logprob is not None
+    assert completion.logprob <= 0.0
+    assert result.prompt_tokens == backend.count_tokens(PROMPT)
+
+
+def test_each_arm_gets_its_own_adapter_in_a_mixed_batch(
+    backend: EmbeddedBackend, tiny_adapters: dict[str, Path]
+) -> None:
+    zero = AdapterRef("pi0", str(tiny_adapters["zero"]))
+    noisy = AdapterRef("pi1", str(tiny_adapters["noisy"]))
+    alone = {
+        ref.name: backend.generate(GenerationRequest(PROMPT, ref, GREEDY), timeout=60)
+        .completions[0]
+        .text
+        for ref in (zero, noisy)
+    }
+    assert alone["pi0"] != alone["pi1"], "the perturbed adapter must change the output"
+    refs = [zero, noisy] * 4
+    with ThreadPoolExecutor(len(refs)) as pool:
+        texts = list(
+            pool.map(
+                lambda ref: (
+                    backend.generate(GenerationRequest(PROMPT, ref, GREEDY), timeout=60)
+                    .completions[0]
+                    .text
+                ),
+                refs,
+            )
+        )
+    assert texts == [alone[ref.name] for ref in refs]
+
+
+def test_n_candidates_and_sampling(
+    backend: EmbeddedBackend, tiny_adapters: dict[str, Path]
+) -> None:
+    ref = AdapterRef("pi1", str(tiny_adapters["noisy"]))
+    sampling = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, n=3, seed=7)
+    first = backend.generate(GenerationRequest(PROMPT, ref, sampling), timeout=60)
+    again = backend.generate(GenerationRequest(PROMPT, ref, sampling), timeout=60)
+    assert len(first.completions) == 3
+    assert [c.text for c in first.completions] == [c.text for c in again.completions]
+    assert all(c.logprob is not None and c.logprob < 0 for c in first.completions)
+
+
+def test_missing_adapter_and_timeout_fail_clearly(
+    backend: EmbeddedBackend, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(AdapterMissing, match="no LoRA adapter"):
+        backend.generate(
+            GenerationRequest(PROMPT, AdapterRef("ghost", str(tmp_path)), GREEDY), timeout=10
+        )
+    ref = AdapterRef("pi0", str(tiny_adapters["zero"]))
+    with pytest.raises(BackendTimeout):
+        backend.generate(GenerationRequest(PROMPT, ref, GREEDY), timeout=0.0)
