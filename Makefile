@@ -6,7 +6,7 @@ EXTRAS ?= ml,dev
 PYTEST_ARGS ?=
 comma := ,
 
-.PHONY: install demo serve test lint services clean
+.PHONY: install demo serve test lint services vllm clean
 
 $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,10 @@ serve: install
 services:
 	bash deploy/dev/ensure-services.sh
 
-test: install services
+vllm:
+	bash deploy/vllm/install.sh .venv-vllm
+
+test: install vllm services
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -37,4 +40,4 @@ lint: install
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm .pytest_cache .mypy_cache .ruff_cache

