@@ -23,6 +23,7 @@ from services.errors import DomainError
 from services.experiments.endpoints import router as experiments_router
 from services.generation.base import GenerationBackend
 from services.generation.factory import BackendHolder, ModelNotPrepared
+from services.iterations.endpoints import router as iterations_router
 from services.policies.endpoints import router as policies_router
 from services.settings import Settings, get_settings
 from services.suggestions.endpoints import router as suggestions_router
@@ -127,6 +128,7 @@ def create_app(
     app.include_router(businesses_router)
     app.include_router(policies_router)
     app.include_router(experiments_router)
+    app.include_router(iterations_router)
     return app
 
 

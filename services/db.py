@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +68,10 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> Eng
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            try:
+                cursor.execute("SELECT power(2, 2)")
+            except Exception:  # SQLite built without math functions: returns SQL needs POWER
+                dbapi_connection.create_function("power", 2, math.pow, deterministic=True)
             cursor.close()
 
         return engine

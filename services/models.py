@@ -3,9 +3,10 @@
 from services.conversations import models as conversations
 from services.db import Base
 from services.experiments import models as experiments
+from services.iterations import models as iterations
 from services.policies import models as policies
 from services.tenants import models as tenants
 
 metadata = Base.metadata
 
-__all__ = ["conversations", "experiments", "metadata", "policies", "tenants"]
+__all__ = ["conversations", "experiments", "iterations", "metadata", "policies", "tenants"]

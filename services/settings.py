@@ -86,6 +86,42 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="How long the embedded backend waits to fill a batch."
     )
 
+    # -- iterations and workers --------------------------------------------------------------
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Celery broker (Redis), JSON messages."
+    )
+    task_runner: Literal["inline", "celery"] | None = Field(
+        default=None,
+        description="Where iteration steps run: in this process (inline) or on Celery workers. "
+        "Unset: inline on the embedded SQLite store, celery otherwise.",
+    )
+    celery_visibility_timeout_s: int = Field(
+        default=6 * 3600,
+        ge=1,
+        description="Redis redelivers an unacknowledged task after this long: keep it above the "
+        "longest step (a worker that died mid-step is recovered after it).",
+    )
+    step_lease_s: int = Field(
+        default=6 * 3600,
+        ge=1,
+        description="A running step not finished after this long is taken over by a redelivery.",
+    )
+    beat_interval_s: float = Field(
+        default=3600.0, gt=0, description="How often beat checks for enough new data."
+    )
+    beat_min_new_conversations: int = Field(
+        default=200,
+        ge=1,
+        description="Ended conversations since the last iteration that trigger a new one.",
+    )
+    q_auc_floor: float = Field(
+        default=0.55,
+        ge=0.0,
+        le=1.0,
+        description="Gate: an iteration stops unless held-out Q ROC AUC reaches this "
+        "(an operator may override).",
+    )
+
     @field_validator("database_url")
     @classmethod
     def _normalise_postgres_driver(cls, value: str | None) -> str | None:
@@ -107,6 +143,14 @@ class Settings(BaseSettings):
     @property
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def runner(self) -> str:
+        return self.task_runner or ("inline" if self.is_embedded else "celery")
 
     @property
     def is_embedded(self) -> bool:

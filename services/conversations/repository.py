@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
 from services.conversations.models import Conversation, Message, Outcome, Suggestion
@@ -152,6 +152,26 @@ def count_outcomes(session: Session, *, conversation_id: str) -> int:
     )
 
 
+def iter_conversations_by_ids(
+    session: Session, ids: Sequence[str], *, batch_size: int = 200
+) -> Iterator[Conversation]:
+    """These conversations with messages, suggestions and outcomes loaded, in the given order."""
+    for start in range(0, len(ids), batch_size):
+        chunk = list(ids[start : start + batch_size])
+        rows = session.scalars(
+            select(Conversation)
+            .where(Conversation.id.in_(chunk))
+            .options(
+                selectinload(Conversation.messages),
+                selectinload(Conversation.suggestions),
+                selectinload(Conversation.outcomes),
+            )
+        ).all()
+        by_id = {row.id: row for row in rows}
+        for conversation_id in chunk:
+            yield by_id[conversation_id]
+
+
 def iter_conversations(
     session: Session,
     *,
@@ -169,17 +189,79 @@ def iter_conversations(
     if since is not None:
         query = query.where(Conversation.created_at >= since)
     ids = list(session.scalars(query.with_only_columns(Conversation.id)))
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        rows = session.scalars(
-            select(Conversation)
-            .where(Conversation.id.in_(chunk))
-            .options(
-                selectinload(Conversation.messages),
-                selectinload(Conversation.suggestions),
-                selectinload(Conversation.outcomes),
-            )
-        ).all()
-        by_id = {row.id: row for row in rows}
-        for conversation_id in chunk:
-            yield by_id[conversation_id]
+    yield from iter_conversations_by_ids(session, ids, batch_size=batch_size)
+
+
+def ended_conversation_ids(
+    session: Session,
+    *,
+    closed_before: datetime,
+    created_after: datetime | None = None,
+    business_id: str | None = None,
+    limit: int | None = None,
+) -> list[str]:
+    """Ended conversations of a data window, most recent first."""
+    query = (
+        select(Conversation.id)
+        .where(Conversation.status == "closed", Conversation.closed_at <= closed_before)
+        .order_by(Conversation.closed_at.desc(), Conversation.id)
+    )
+    if created_after is not None:
+        query = query.where(Conversation.created_at >= created_after)
+    if business_id is not None:
+        query = query.where(Conversation.business_id == business_id)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))
+
+
+def count_ended_since(session: Session, *, since: datetime | None) -> int:
+    query = select(func.count()).select_from(Conversation).where(Conversation.status == "closed")
+    if since is not None:
+        query = query.where(Conversation.closed_at > since)
+    return session.scalar(query) or 0
+
+
+# Every business message is a decision; its reward is 1 if an outcome was observed at or after
+# it and before the next business message (terminal: after the last one, nothing more accrues).
+# G_t = sum_{j >= t} gamma^(j - t) r_j by a self-join within each conversation: exact for any
+# gamma, and conversations are short enough for the quadratic join.
+_DECISION_RETURNS = text(
+    """
+    WITH steps AS (
+        SELECT m.conversation_id, m.id AS message_id, m.seq, m.suggestion_id,
+               ROW_NUMBER() OVER (PARTITION BY m.conversation_id ORDER BY m.seq) - 1 AS step,
+               LEAD(m.seq) OVER (PARTITION BY m.conversation_id ORDER BY m.seq) AS next_seq
+        FROM messages m
+        WHERE m.role = 'business' AND m.conversation_id IN :ids
+    ),
+    rewarded AS (
+        SELECT s.conversation_id, s.message_id, s.seq, s.suggestion_id, s.step,
+               CASE WHEN EXISTS (
+                   SELECT 1 FROM outcomes o
+                   WHERE o.conversation_id = s.conversation_id AND o.seq >= s.seq
+                     AND (s.next_seq IS NULL OR o.seq < s.next_seq)
+               ) THEN 1.0 ELSE 0.0 END AS reward
+        FROM steps s
+    )
+    SELECT a.conversation_id, a.step, a.message_id, a.seq, a.suggestion_id, a.reward,
+           SUM(b.reward * POWER(:gamma, b.step - a.step)) AS ret
+    FROM rewarded a
+    JOIN rewarded b ON b.conversation_id = a.conversation_id AND b.step >= a.step
+    GROUP BY a.conversation_id, a.step, a.message_id, a.seq, a.suggestion_id, a.reward
+    ORDER BY a.conversation_id, a.step
+    """
+).bindparams(bindparam("ids", expanding=True))
+
+
+def decision_returns(
+    session: Session, *, conversation_ids: Sequence[str], gamma: float, chunk: int = 500
+) -> list[dict[str, object]]:
+    """Per business decision: conversation_id, step, message_id, seq, suggestion_id, reward,
+    ret (the Monte Carlo return), computed by the database."""
+    rows: list[dict[str, object]] = []
+    for start in range(0, len(conversation_ids), chunk):
+        ids = list(conversation_ids[start : start + chunk])
+        result = session.execute(_DECISION_RETURNS, {"ids": ids, "gamma": float(gamma)})
+        rows.extend(dict(row._mapping) for row in result)
+    return rows

@@ -201,7 +201,9 @@ class EmbeddedBackend:
             "max_time": remaining,
         }
         if do_sample:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+            # top_k=0: transformers would otherwise apply its default top_k=50, and the
+            # logged log-probs would not be those of the stated sampling distribution.
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         with self._model_lock, torch.inference_mode():
             out = self.model.generate(**encoded, adapter_names=adapter_names, **kwargs)
             scores = self.model.base_model.model.compute_transition_scores(

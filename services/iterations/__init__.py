@@ -1,0 +1,1 @@
+"""Policy iterations: the operator jobs API and the step state machine (returns -> Q -> improve)."""

@@ -1,0 +1,62 @@
+"""All SQL about iterations, their steps and events."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from services.iterations.models import ACTIVE, Iteration, IterationEvent, IterationStep
+
+
+def get_iteration(session: Session, *, iteration_id: str) -> Iteration | None:
+    return session.get(Iteration, iteration_id)
+
+
+def lock_iteration(session: Session, *, iteration_id: str) -> Iteration | None:
+    """The iteration's row, locked for this transaction (portable no-op UPDATE, see the log)."""
+    locked = session.execute(
+        update(Iteration)
+        .where(Iteration.id == iteration_id)
+        .values(progress=Iteration.progress)
+        .returning(Iteration.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if locked is None:
+        return None
+    return session.get(Iteration, iteration_id, populate_existing=True)
+
+
+def list_iterations(session: Session, *, limit: int = 100) -> Sequence[Iteration]:
+    return session.scalars(
+        select(Iteration).order_by(Iteration.created_at.desc()).limit(limit)
+    ).all()
+
+
+def active_iterations(session: Session) -> Sequence[Iteration]:
+    return session.scalars(select(Iteration).where(Iteration.status.in_(ACTIVE))).all()
+
+
+def latest_iteration(session: Session) -> Iteration | None:
+    return session.scalars(select(Iteration).order_by(Iteration.created_at.desc()).limit(1)).first()
+
+
+def get_step(session: Session, *, iteration_id: str, step: str) -> IterationStep | None:
+    return session.scalars(
+        select(IterationStep).where(
+            IterationStep.iteration_id == iteration_id, IterationStep.step == step
+        )
+    ).first()
+
+
+def add(session: Session, row: Iteration | IterationStep | IterationEvent) -> None:
+    session.add(row)
+    session.flush()
+
+
+def next_event_seq(session: Session, *, iteration_id: str) -> int:
+    current = session.scalar(
+        select(func.max(IterationEvent.seq)).where(IterationEvent.iteration_id == iteration_id)
+    )
+    return int(current or 0) + 1

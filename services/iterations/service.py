@@ -1,0 +1,341 @@
+"""The iteration state machine. Steps are idempotent by (iteration id, step): a redelivered
+step that is done is skipped, one running under a live lease waits, one whose lease expired
+(its worker died) is taken over. Services flush; the edge (request, task, CLI) commits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from services.db import utcnow
+from services.errors import Conflict, Invalid, NotFound
+from services.experiments import repository as experiments
+from services.experiments.models import GLOBAL_SCOPE
+from services.iterations import repository
+from services.iterations.models import (
+    PIPELINE,
+    Iteration,
+    IterationEvent,
+    IterationStatus,
+    IterationStep,
+    Step,
+)
+from services.policies import service as policies
+from services.policies.models import PolicyStatus
+
+TERMINAL = {IterationStatus.SUCCEEDED, IterationStatus.FAILED, IterationStatus.CANCELLED}
+
+
+def resolve_configs(
+    *, algorithm: str, hyperparameters: dict[str, Any], data: dict[str, Any], base_model: str
+) -> dict[str, Any]:
+    """Build and validate the config dataclass of every step from the request.
+
+    hyperparameters: beta, gamma, n_epochs, batch_size, learning_rate, plus any field of the
+    improvement config, and `q` (a dict of QFitConfig fields). data: ReturnsConfig fields,
+    and eval_fraction, max_prompts, q_floor, override_gate, ab_weight.
+    """
+    from workers.learning.config_build import improvement_config, q_fit_config
+    from workers.learning.returns import ReturnsConfig
+
+    hyper = dict(hyperparameters)
+    q_fields = dict(hyper.pop("q", {}) or {})
+    gamma = hyper.pop("gamma", None)
+    returns_fields = {k: v for k, v in data.items() if k in ReturnsConfig.__dataclass_fields__}
+    if gamma is not None:
+        returns_fields["gamma"] = gamma
+    try:
+        returns = ReturnsConfig(**returns_fields)
+        q = q_fit_config({"base_model": base_model, **q_fields})
+        improve = improvement_config(algorithm, hyper)
+    except (TypeError, ValueError) as exc:
+        raise Invalid(f"invalid iteration config: {exc}") from None
+    unknown = (
+        set(data)
+        - set(ReturnsConfig.__dataclass_fields__)
+        - {
+            "eval_fraction",
+            "max_prompts",
+            "q_floor",
+            "override_gate",
+            "ab_weight",
+        }
+    )
+    if unknown:
+        raise Invalid(f"unknown data field(s): {sorted(unknown)}")
+    return {
+        "returns": asdict(returns),
+        "q": asdict(q),
+        "improve": {"algorithm": algorithm, **asdict(improve)},
+        "pipeline": {
+            "eval_fraction": float(data.get("eval_fraction", 0.2)),
+            "max_prompts": int(data.get("max_prompts", 64)),
+            "q_floor": data.get("q_floor"),
+            "ab_weight": float(data.get("ab_weight", 0.5)),
+        },
+    }
+
+
+def current_policy(session: Session, *, business_id: str | None) -> str:
+    """pi_i: the policy with the largest weight in the experiment serving this scope."""
+    experiment = None
+    if business_id is not None:
+        experiment = experiments.running_for_scope(session, scope=business_id)
+    experiment = experiment or experiments.running_for_scope(session, scope=GLOBAL_SCOPE)
+    if experiment is None or not experiment.arms:
+        raise Conflict("no running experiment: name the policy to improve (parent_policy_id)")
+    return max(experiment.arms, key=lambda arm: arm.weight).policy_id
+
+
+def create_iteration(
+    session: Session,
+    *,
+    algorithm: str,
+    hyperparameters: dict[str, Any],
+    data: dict[str, Any],
+    parent_policy_id: str | None = None,
+    trigger: str = "operator",
+) -> Iteration:
+    if algorithm not in ("ppo", "rloo", "grpo"):
+        raise Invalid(f"algorithm must be ppo, rloo or grpo, got {algorithm!r}")
+    business_id = data.get("business_id")
+    parent_id = parent_policy_id or current_policy(session, business_id=business_id)
+    parent = policies.get_policy(session, policy_id=parent_id)
+    configs = resolve_configs(
+        algorithm=algorithm,
+        hyperparameters=hyperparameters,
+        data=data,
+        base_model=parent.base_model,
+    )
+    iteration = Iteration(
+        algorithm=algorithm,
+        hyperparameters=hyperparameters,
+        data=data,
+        configs=configs,
+        parent_policy_id=parent.id,
+        business_id=business_id,
+        override_gate=bool(data.get("override_gate", False)),
+        trigger=trigger,
+        data_cutoff=utcnow(),
+        current_step=PIPELINE[0].value,
+    )
+    repository.add(session, iteration)
+    add_event(session, iteration, "created", f"{algorithm} iteration of {parent.id} ({trigger})")
+    return iteration
+
+
+def get_iteration(session: Session, *, iteration_id: str) -> Iteration:
+    iteration = repository.get_iteration(session, iteration_id=iteration_id)
+    if iteration is None:
+        raise NotFound(f"iteration {iteration_id} not found")
+    return iteration
+
+
+def _locked(session: Session, iteration_id: str) -> Iteration:
+    iteration = repository.lock_iteration(session, iteration_id=iteration_id)
+    if iteration is None:
+        raise NotFound(f"iteration {iteration_id} not found")
+    return iteration
+
+
+def add_event(
+    session: Session,
+    iteration: Iteration,
+    kind: str,
+    message: str,
+    data: dict[str, Any] | None = None,
+) -> None:
+    repository.add(
+        session,
+        IterationEvent(
+            iteration_id=iteration.id,
+            seq=repository.next_event_seq(session, iteration_id=iteration.id),
+            kind=kind,
+            message=message,
+            data=data,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class StepStart:
+    """What a delivered step should do: run it, skip it (done, or the iteration moved on), or
+    wait (another worker holds a live lease)."""
+
+    action: str  # "run" | "skip" | "wait"
+    attempt: int = 0
+    reason: str = ""
+
+
+def begin_step(
+    session: Session, *, iteration_id: str, step: Step, worker: str, lease_s: float
+) -> StepStart:
+    iteration = _locked(session, iteration_id)
+    status = IterationStatus(iteration.status)
+    if status in TERMINAL or status is IterationStatus.AWAITING_APPROVAL:
+        return StepStart("skip", reason=f"iteration is {status.value}")
+    if iteration.current_step != step.value:
+        return StepStart("skip", reason=f"iteration is at step {iteration.current_step}")
+    row = repository.get_step(session, iteration_id=iteration.id, step=step.value)
+    now = utcnow()
+    if row is not None and row.status == "done":
+        return StepStart("skip", reason="already done")
+    if row is not None and row.status == "running" and row.lease_expires_at is not None:
+        if row.lease_expires_at > now:
+            return StepStart("wait", attempt=row.attempts, reason=f"held by {row.worker}")
+        add_event(session, iteration, "takeover", f"{step.value}: lease of {row.worker} expired")
+    if row is None:
+        row = IterationStep(iteration_id=iteration.id, step=step.value, attempts=0)
+        repository.add(session, row)
+    row.status = "running"
+    row.attempts += 1
+    row.worker = worker
+    row.error = None
+    row.started_at = now
+    row.lease_expires_at = now + timedelta(seconds=lease_s)
+    iteration.status = IterationStatus.RUNNING.value
+    iteration.updated_at = now
+    add_event(session, iteration, "step_started", f"{step.value} (attempt {row.attempts})")
+    session.flush()
+    return StepStart("run", attempt=row.attempts)
+
+
+def finish_step(
+    session: Session,
+    *,
+    iteration_id: str,
+    step: Step,
+    result: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+) -> Step | None:
+    """Record a finished step and advance; returns the next step to enqueue, if any."""
+    iteration = _locked(session, iteration_id)
+    row = repository.get_step(session, iteration_id=iteration.id, step=step.value)
+    if row is None or row.status == "done" or iteration.current_step != step.value:
+        return None  # a duplicate finished first; nothing to advance
+    now = utcnow()
+    row.status = "done"
+    row.result = result
+    row.finished_at = now
+    row.lease_expires_at = None
+    if metrics:
+        iteration.metrics = {**iteration.metrics, **metrics}
+    add_event(session, iteration, "step_done", step.value, data=_brief(result))
+    iteration.updated_at = now
+    next_step: Step | None = None
+    if step is Step.DEPLOY:
+        iteration.status = IterationStatus.SUCCEEDED.value
+        iteration.current_step = None
+        iteration.progress = 1.0
+        iteration.finished_at = now
+    elif step is Step.REGISTER:
+        iteration.status = IterationStatus.AWAITING_APPROVAL.value
+        iteration.current_step = Step.DEPLOY.value
+        iteration.progress = len(PIPELINE) / (len(PIPELINE) + 1)
+        add_event(
+            session, iteration, "awaiting_approval", f"candidate {iteration.candidate_policy_id}"
+        )
+    else:
+        next_step = PIPELINE[PIPELINE.index(step) + 1]
+        iteration.current_step = next_step.value
+        iteration.progress = (PIPELINE.index(step) + 1) / (len(PIPELINE) + 1)
+    session.flush()
+    return next_step
+
+
+def fail_step(session: Session, *, iteration_id: str, step: Step, error: str) -> None:
+    iteration = _locked(session, iteration_id)
+    row = repository.get_step(session, iteration_id=iteration.id, step=step.value)
+    now = utcnow()
+    if row is not None:
+        row.status = "failed"
+        row.error = error[:4000]
+        row.finished_at = now
+        row.lease_expires_at = None
+    iteration.status = IterationStatus.FAILED.value
+    iteration.error = f"{step.value}: {error}"[:4000]
+    iteration.finished_at = now
+    iteration.updated_at = now
+    add_event(session, iteration, "failed", iteration.error)
+    session.flush()
+
+
+def set_progress(session: Session, *, iteration_id: str, step: Step, fraction: float) -> None:
+    iteration = _locked(session, iteration_id)
+    if iteration.current_step != step.value:
+        return
+    base = PIPELINE.index(step) if step in PIPELINE else len(PIPELINE)
+    iteration.progress = (base + max(0.0, min(1.0, fraction))) / (len(PIPELINE) + 1)
+    iteration.updated_at = utcnow()
+    session.flush()
+
+
+def set_candidate(session: Session, *, iteration_id: str, policy_id: str) -> None:
+    iteration = _locked(session, iteration_id)
+    iteration.candidate_policy_id = policy_id
+    session.flush()
+
+
+def approve(session: Session, *, iteration_id: str) -> Iteration:
+    """An operator approves the candidate: the deploy step starts the A/B experiment."""
+    iteration = _locked(session, iteration_id)
+    if iteration.status != IterationStatus.AWAITING_APPROVAL.value:
+        raise Conflict(f"iteration {iteration.id} is {iteration.status}, not awaiting_approval")
+    iteration.status = IterationStatus.QUEUED.value
+    iteration.updated_at = utcnow()
+    add_event(session, iteration, "approved", f"candidate {iteration.candidate_policy_id}")
+    session.flush()
+    return iteration
+
+
+def reject(session: Session, *, iteration_id: str) -> Iteration:
+    iteration = _locked(session, iteration_id)
+    if iteration.status != IterationStatus.AWAITING_APPROVAL.value:
+        raise Conflict(f"iteration {iteration.id} is {iteration.status}, not awaiting_approval")
+    if iteration.candidate_policy_id:
+        policies.transition(
+            session, policy_id=iteration.candidate_policy_id, to=PolicyStatus.REJECTED
+        )
+    iteration.status = IterationStatus.CANCELLED.value
+    iteration.finished_at = utcnow()
+    add_event(session, iteration, "rejected", f"candidate {iteration.candidate_policy_id}")
+    session.flush()
+    return iteration
+
+
+def cancel(session: Session, *, iteration_id: str) -> Iteration:
+    iteration = _locked(session, iteration_id)
+    if IterationStatus(iteration.status) in TERMINAL:
+        raise Conflict(f"iteration {iteration.id} is already {iteration.status}")
+    iteration.status = IterationStatus.CANCELLED.value
+    iteration.finished_at = utcnow()
+    add_event(session, iteration, "cancelled", "cancelled by an operator")
+    session.flush()
+    return iteration
+
+
+def retry(session: Session, *, iteration_id: str, override_gate: bool) -> Step:
+    """Resume a failed iteration from its failed step (done steps are not redone)."""
+    iteration = _locked(session, iteration_id)
+    if iteration.status != IterationStatus.FAILED.value:
+        raise Conflict(f"iteration {iteration.id} is {iteration.status}; only failed ones retry")
+    iteration.status = IterationStatus.QUEUED.value
+    iteration.error = None
+    iteration.finished_at = None
+    iteration.override_gate = iteration.override_gate or override_gate
+    add_event(
+        session,
+        iteration,
+        "retry",
+        f"resume at {iteration.current_step}" + (" (Q gate overridden)" if override_gate else ""),
+    )
+    session.flush()
+    return Step(iteration.current_step or PIPELINE[0].value)
+
+
+def _brief(result: dict[str, Any]) -> dict[str, Any]:
+    """The scalar part of a step result, for the event log."""
+    return {k: v for k, v in result.items() if isinstance(v, int | float | str | bool)}

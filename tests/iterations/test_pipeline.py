@@ -1,0 +1,214 @@
+"""A whole policy iteration on a tiny real model: returns -> Q -> PPO -> candidate -> approval
+-> A/B experiment, through the operator API, with steps running in-process (embedded default)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.app import create_app
+from services.conversations.jsonl import import_lines
+from services.db import session_scope
+from services.experiments.service import ArmSpec, create_experiment
+from services.generation.embedded import EmbeddedBackend
+from services.policies.models import PolicyStatus
+from services.policies.service import register_policy
+from tests.conftest import Store, auth
+from tests.factories import new_conversation, say
+from tests.iterations.scenario import scenario_lines
+
+TINY_HYPER: dict[str, Any] = {
+    "beta": 0.05,
+    "n_epochs": 1,
+    "batch_size": 2,
+    "minibatch_size": 2,
+    "num_updates": 2,
+    "max_new_tokens": 8,
+    "q": {"kind": "head", "max_length": 64, "head_epochs": 200},
+}
+
+
+def seed_world(
+    store: Store, tiny_model: Path, adapter: Path, conversations: int = 40
+) -> tuple[str, str]:
+    """A business with logged history served by pi0 (the tiny zero adapter)."""
+    business = f"it-{uuid.uuid4().hex[:8]}"
+    policy = f"pi0-{business}"
+    with session_scope(store.factory) as session:
+        report = import_lines(
+            session, scenario_lines(business, conversations), settings=store.settings
+        )
+        assert report.ok, report.errors
+        register_policy(
+            session,
+            policy_id=policy,
+            base_model=str(tiny_model),
+            adapter_uri=str(adapter),
+            status=PolicyStatus.APPROVED,
+        )
+        create_experiment(
+            session, name="pi0", business_id=business, arms=[ArmSpec("control", policy, 1.0)]
+        )
+    return business, policy
+
+
+@pytest.fixture
+def inline_client(
+    sqlite_store: Store, tiny_backend: EmbeddedBackend, tmp_path: Path
+) -> Iterator[TestClient]:
+    settings = sqlite_store.settings.model_copy(
+        update={
+            "task_runner": "inline",
+            "data_dir": tmp_path,
+            "temperature": 0.0,
+            "max_new_tokens": 8,
+        }
+    )
+    with TestClient(create_app(settings, backend=tiny_backend)) as client:
+        yield client
+
+
+def wait_for(
+    client: TestClient, key: str, iteration_id: str, statuses: set[str], timeout: float = 240
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get(
+            f"/v1/iterations/{iteration_id}", headers=auth(key)
+        ).json()
+        if body["status"] in statuses:
+            return body
+        assert time.monotonic() < deadline, f"stuck: {body['status']} {body['events'][-3:]}"
+        time.sleep(0.5)
+
+
+def test_iteration_end_to_end_with_approval(
+    inline_client: TestClient, sqlite_store: Store, tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    business, pi0 = seed_world(sqlite_store, tiny_model, tiny_adapters["zero"])
+    operator = sqlite_store.operator_key()
+    created = inline_client.post(
+        "/v1/iterations",
+        headers=auth(operator),
+        json={
+            "algorithm": "ppo",
+            "hyperparameters": TINY_HYPER,
+            "data": {"business_id": business, "max_prompts": 4, "eval_fraction": 0.3},
+        },
+    )
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["object"] == "iteration" and body["parent_policy_id"] == pi0
+    done = wait_for(
+        inline_client, operator, body["id"], {"awaiting_approval", "failed", "succeeded"}
+    )
+    assert done["status"] == "awaiting_approval", done["error"]
+    assert [s["step"] for s in done["steps"]] == [
+        "returns",
+        "fit_q",
+        "evaluate_q",
+        "improve",
+        "register",
+    ]
+    assert done["metrics"]["data_examples"] == 40
+    assert done["metrics"]["q_auc"] >= 0.8, "Q must learn the keyword that wins"
+    candidate = done["candidate_policy_id"]
+    policy = inline_client.get(f"/v1/policies/{candidate}", headers=auth(operator)).json()
+    assert policy["status"] == "candidate" and policy["parent_id"] == pi0
+    assert policy["iteration_id"] == body["id"]
+    assert policy["config"]["improve"]["algorithm"] == "ppo"
+    assert Path(policy["adapter_uri"], "adapter_config.json").is_file()
+
+    approved = inline_client.post(f"/v1/iterations/{body['id']}/approve", headers=auth(operator))
+    assert approved.status_code == 200, approved.text
+    final = wait_for(inline_client, operator, body["id"], {"succeeded", "failed"})
+    assert final["status"] == "succeeded", final["error"]
+    experiment = inline_client.get(
+        f"/v1/experiments/{final['experiment_id']}", headers=auth(operator)
+    ).json()
+    assert {a["name"]: a["policy_id"] for a in experiment["arms"]} == {
+        "control": pi0,
+        "treatment": candidate,
+    }
+    # The new arm serves suggestions.
+    _, key = sqlite_store.business_key(business)
+    arms = set()
+    for _ in range(10):
+        cid = new_conversation(inline_client, key)
+        say(inline_client, key, cid, "customer", "Hi, do you renovate kitchens?")
+        response = inline_client.post(
+            f"/v1/conversations/{cid}/suggestions", json={}, headers=auth(key)
+        )
+        assert response.status_code == 201, response.text
+        arms.add(response.json()["policy"])
+    assert arms == {pi0, candidate}
+
+
+def test_q_gate_stops_and_an_operator_can_override(
+    inline_client: TestClient, sqlite_store: Store, tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    business, _ = seed_world(sqlite_store, tiny_model, tiny_adapters["zero"], conversations=20)
+    operator = sqlite_store.operator_key()
+    created = inline_client.post(
+        "/v1/iterations",
+        headers=auth(operator),
+        json={
+            "hyperparameters": TINY_HYPER,
+            "data": {"business_id": business, "max_prompts": 2, "q_floor": 1.01},
+        },
+    ).json()
+    failed = wait_for(inline_client, operator, created["id"], {"failed", "awaiting_approval"})
+    assert failed["status"] == "failed" and "below the floor" in failed["error"]
+    assert failed["current_step"] == "evaluate_q"
+    assert (
+        inline_client.post(
+            f"/v1/iterations/{created['id']}/approve", headers=auth(operator)
+        ).status_code
+        == 409
+    )
+    retried = inline_client.post(
+        f"/v1/iterations/{created['id']}/retry",
+        json={"override_gate": True},
+        headers=auth(operator),
+    )
+    assert retried.status_code == 200, retried.text
+    resumed = wait_for(inline_client, operator, created["id"], {"awaiting_approval", "failed"})
+    assert resumed["status"] == "awaiting_approval", resumed["error"]
+    attempts = {s["step"]: s["attempts"] for s in resumed["steps"]}
+    assert attempts["fit_q"] == 1, "done steps are not redone on retry"
+    rejected = inline_client.post(
+        f"/v1/iterations/{created['id']}/reject", headers=auth(operator)
+    ).json()
+    assert rejected["status"] == "cancelled"
+    policy = inline_client.get(
+        f"/v1/policies/{rejected['candidate_policy_id']}", headers=auth(operator)
+    ).json()
+    assert policy["status"] == "rejected"
+
+
+def test_iterations_api_refuses_bad_requests(
+    inline_client: TestClient, sqlite_store: Store
+) -> None:
+    operator = sqlite_store.operator_key()
+    _, business_key = sqlite_store.business_key()
+    assert (
+        inline_client.post("/v1/iterations", json={}, headers=auth(business_key)).status_code == 403
+    )
+    bad = inline_client.post(
+        "/v1/iterations",
+        headers=auth(operator),
+        json={"algorithm": "ppo", "hyperparameters": {"beta": -1}, "parent_policy_id": "nope"},
+    )
+    assert bad.status_code == 404 and "nope" in bad.json()["detail"]
+    unknown = inline_client.get("/v1/iterations/missing", headers=auth(operator))
+    assert unknown.status_code == 404 and "missing" in unknown.json()["detail"]
+    wrong_algo = inline_client.post(
+        "/v1/iterations", headers=auth(operator), json={"algorithm": "sft"}
+    )
+    assert wrong_algo.status_code == 422 and "algorithm" in wrong_algo.json()["detail"]

@@ -1,0 +1,413 @@
+"""Our token-level PPO: the tensor helpers against loops and hand computations, a learning run
+on the tiny random model, the reference being pi_i, and a bounded smoke run on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.policies.prompt import ChatMessage
+from tests.tiny_model import CORPUS
+from workers.learning.configs import PPOConfig, RLOOConfig
+from workers.learning.improve import HISTORY_FILE, improve_policy
+from workers.learning.ppo import (
+    compute_gae,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    reply_forward,
+    sample_replies,
+    value_loss,
+)
+
+# -- the toy problem shared with test_rl_trl.py ----------------------------------------------
+
+# The tiny model ties its embeddings (std 0.02) and ends in an RMSNorm, so its logits stay
+# within about +-1.3 whatever LoRA does: at temperature 1 every policy is nearly uniform and
+# nothing can be learned. At temperature 0.2 the same weights span a real range. The reward
+# counts newlines, a token this random model already drifts into (a frequent-token reward):
+# about 2% of reply tokens before training, so the signal is there but far from saturated.
+TOY_TEMPERATURE = 0.2
+TOY_NEW_TOKENS = 8
+
+
+def newline_reward(prompts: Sequence[list[ChatMessage]], replies: Sequence[str]) -> list[float]:
+    """Fraction of the reply budget spent on newlines."""
+    return [reply.count("\n") / TOY_NEW_TOKENS for reply in replies]
+
+
+def _prompt(text: str) -> list[ChatMessage]:
+    return [ChatMessage("system", "You write the next message of acme."), ChatMessage("user", text)]
+
+
+_WORDS = " ".join(CORPUS).split()
+TRAIN_PROMPTS = [_prompt(" ".join(_WORDS[i : i + 6])) for i in range(0, 60, 3)]
+HELD_OUT_PROMPTS = [
+    _prompt(text)
+    for text in (
+        "Do you deliver sofas on weekends?",
+        "How long does a bathroom renovation take?",
+        "Is the warranty transferable to a new owner?",
+        "Can I pay in three instalments?",
+        "My order arrived damaged, what now?",
+        "Are you open on public holidays?",
+        "Could you send me a brochure by email?",
+        "Which colours does the armchair come in?",
+    )
+]
+
+
+def mean_reward(base_model: Path, adapter: Path, *, rounds: int = 8, seed: int = 1234) -> float:
+    """The toy reward of replies sampled from base + adapter (loaded with plain peft) on the
+    held-out prompts, with a fixed seed."""
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model), padding_side="left")
+    base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    model.eval()
+    torch.manual_seed(seed)
+    scores: list[float] = []
+    for _ in range(rounds):
+        rollout = sample_replies(
+            model,
+            tokenizer,
+            HELD_OUT_PROMPTS,
+            max_new_tokens=TOY_NEW_TOKENS,
+            temperature=TOY_TEMPERATURE,
+            top_p=1.0,
+        )
+        scores.extend(newline_reward(HELD_OUT_PROMPTS, rollout.texts))
+    return sum(scores) / len(scores)
+
+
+def lora_weights(adapter: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(adapter / "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread. On a 2-core machine that other jobs keep busy, a second intra-op
+    thread made generation far slower, not faster (measured: tiny model 0.8 s vs 0.07 s per
+    call; SmolLM2, 2 x 16 new tokens, 116 s vs 1.9 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# -- tensor helpers ---------------------------------------------------------------------------
+
+
+def gae_by_loop(
+    rewards: list[float], values: list[float], length: int, gamma: float, lam: float
+) -> list[float]:
+    """A_t = sum_{k>=t} (gamma*lam)^(k-t) delta_k over the first `length` tokens, V after = 0."""
+    deltas = []
+    for k in range(length):
+        next_value = values[k + 1] if k + 1 < length else 0.0
+        deltas.append(rewards[k] + gamma * next_value - values[k])
+    return [
+        sum((gamma * lam) ** (k - t) * deltas[k] for k in range(t, length)) for t in range(length)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compute_gae_matches_a_python_loop(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    batch, steps = 6, 9
+    rewards = torch.randn(batch, steps, generator=generator)
+    values = torch.randn(batch, steps, generator=generator)
+    lengths = torch.randint(0, steps + 1, (batch,), generator=generator).tolist()
+    lengths[0], lengths[1] = steps, 1  # always cover a full row and a one-token row
+    mask = (torch.arange(steps)[None, :] < torch.tensor(lengths)[:, None]).float()
+    gamma, lam = (0.5 + 0.5 * float(x) for x in torch.rand(2, generator=generator))
+
+    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+
+    for row, length in enumerate(lengths):
+        expected = gae_by_loop(rewards[row].tolist(), values[row].tolist(), length, gamma, lam)
+        assert advantages[row, :length].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        expected_returns = [
+            a + v for a, v in zip(expected, values[row, :length].tolist(), strict=True)
+        ]
+        assert returns[row, :length].tolist() == pytest.approx(expected_returns, rel=1e-5, abs=1e-5)
+        assert advantages[row, length:].abs().sum() == 0
+        assert returns[row, length:].abs().sum() == 0
+
+
+def test_compute_gae_by_hand_on_three_tokens() -> None:
+    # Q = 1 at the last token, gamma 0.9, lam 0.8:
+    # delta = [0.9*0.6 - 0.5, 0.9*0.7 - 0.6, 1 - 0.7] = [0.04, 0.03, 0.3]
+    # A_2 = 0.3; A_1 = 0.03 + 0.72*0.3 = 0.246; A_0 = 0.04 + 0.72*0.246 = 0.21712
+    # A fourth, padded token with absurd numbers must change nothing.
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 99.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert advantages[0].tolist() == pytest.approx([0.21712, 0.246, 0.3, 0.0])
+    assert returns[0].tolist() == pytest.approx([0.71712, 0.846, 1.0, 0.0])
+
+
+def test_policy_loss_by_hand_with_a_clipped_token() -> None:
+    # Token 1: ratio e^0.5 = 1.6487 with A = +1 is clipped to 1.2: loss term -1.2.
+    # Token 2: ratio e^-0.1 = 0.9048 with A = -2 is inside the range: 2 * 0.9048 = 1.8097.
+    # Token 3 is masked out, with values that would dominate otherwise.
+    logprobs = torch.tensor([[-1.0, -2.1, 5.0]])
+    old_logprobs = torch.tensor([[-1.5, -2.0, -5.0]])
+    advantages = torch.tensor([[1.0, -2.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)
+    ratio_1, ratio_2 = math.exp(0.5), math.exp(-0.1)
+    assert loss.item() == pytest.approx((-1.2 + 2 * ratio_2) / 2, rel=1e-5)
+    assert clipfrac.item() == pytest.approx(0.5)
+    k3 = ((ratio_1 - 1 - 0.5) + (ratio_2 - 1 + 0.1)) / 2
+    assert approx_kl.item() == pytest.approx(k3, rel=1e-5)
+
+
+def test_policy_loss_gradient_only_flows_through_unclipped_tokens() -> None:
+    logprobs = torch.tensor([[-1.0, -2.1]], requires_grad=True)
+    loss, _, _ = policy_loss(
+        logprobs, torch.tensor([[-1.5, -2.0]]), torch.tensor([[1.0, -2.0]]), torch.ones(1, 2), 0.2
+    )
+    torch.autograd.backward(loss)
+    assert logprobs.grad is not None
+    # d/dlogp of -A * ratio / 2 tokens: clipped token 0 gets none, token 1 gets 2*ratio/2.
+    assert logprobs.grad[0].tolist() == pytest.approx([0.0, math.exp(-0.1)], rel=1e-5)
+
+
+def test_value_loss_by_hand_with_a_clipped_token() -> None:
+    # Token 1: V 0.9 moved from 0.5, return 1.0: unclipped (0.1)^2 = 0.01, clipped V 0.7 gives
+    # (0.3)^2 = 0.09, the max is the clipped one.
+    # Token 2: V 1.0 from 0.95, return 0.0: inside the clip range, both give 1.0.
+    values = torch.tensor([[0.9, 1.0, 7.0]])
+    old_values = torch.tensor([[0.5, 0.95, 0.0]])
+    returns = torch.tensor([[1.0, 0.0, -7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clipfrac = value_loss(values, old_values, returns, mask, 0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.09 + 1.0) / 2, rel=1e-5)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_masked_whiten_statistics_ignore_masked_entries() -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = 3.0 + 2.0 * torch.randn(4, 10, generator=generator)
+    mask = (torch.rand(4, 10, generator=generator) > 0.3).float()
+    whitened = masked_whiten(values, mask)
+    assert masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert masked_var(whitened, mask).item() == pytest.approx(1.0, rel=1e-4)
+    kept = masked_whiten(values, mask, shift_mean=False)
+    assert masked_mean(kept, mask).item() == pytest.approx(masked_mean(values, mask).item())
+    # Garbage where mask is 0 must not move the whitened values where it is 1.
+    noisy = values + 1000.0 * (1 - mask)
+    assert torch.allclose(masked_whiten(noisy, mask) * mask, whitened * mask, atol=1e-5)
+    assert masked_mean(values, mask, dim=1).tolist() == pytest.approx(
+        [
+            sum(v * m for v, m in zip(row, keep, strict=True)) / sum(keep)
+            for row, keep in zip(values.tolist(), mask.tolist(), strict=True)
+        ],
+        rel=1e-5,
+    )
+
+
+# -- configuration and entry point ----------------------------------------------------------
+
+
+def test_configs_refuse_bad_values() -> None:
+    with pytest.raises(ValueError, match="minibatch_size"):
+        PPOConfig(batch_size=4, minibatch_size=8)
+    with pytest.raises(ValueError, match="cliprange"):
+        PPOConfig(cliprange=0.0)
+    with pytest.raises(ValueError, match="lam"):
+        PPOConfig(lam=1.5)
+    with pytest.raises(ValueError, match="device"):
+        PPOConfig(device="tpu")
+    with pytest.raises(ValueError, match="top_p"):
+        PPOConfig(top_p=0.0)
+    config = PPOConfig(target_kl=0.05)
+    assert PPOConfig(**config.as_dict()) == config
+
+
+def test_improve_policy_refuses_mismatches(
+    tiny_model: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    def improve(
+        config: PPOConfig | RLOOConfig, output_dir: Path, prompts: list[list[ChatMessage]]
+    ) -> None:
+        improve_policy(
+            algorithm="ppo",
+            base_model=tiny_model,
+            parent_adapter=tiny_adapters["zero"],
+            prompts=prompts,
+            reward_fn=newline_reward,
+            config=config,
+            output_dir=output_dir,
+        )
+
+    with pytest.raises(ValueError, match="PPOConfig"):
+        improve(RLOOConfig(), tmp_path / "a", TRAIN_PROMPTS)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileExistsError):
+        improve(PPOConfig(), occupied, TRAIN_PROMPTS)
+    with pytest.raises(ValueError, match="no prompts"):
+        improve(PPOConfig(), tmp_path / "b", [])
+    with pytest.raises(FileNotFoundError):
+        improve_policy(
+            algorithm="ppo",
+            base_model=tiny_model,
+            parent_adapter=tmp_path / "missing",
+            prompts=TRAIN_PROMPTS,
+            reward_fn=newline_reward,
+            config=PPOConfig(),
+            output_dir=tmp_path / "c",
+        )
+
+
+# -- training on the tiny model ---------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ppo_learns_the_toy_reward(
+    tiny_model: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    parent = tiny_adapters["zero"]
+    reported: list[tuple[str, float]] = []
+    config = PPOConfig(
+        num_updates=20,
+        batch_size=64,
+        minibatch_size=16,
+        n_ppo_epochs=2,
+        learning_rate=3e-3,
+        beta=0.01,
+        max_new_tokens=TOY_NEW_TOKENS,
+        temperature=TOY_TEMPERATURE,
+        device="cpu",
+        seed=0,
+    )
+    result = improve_policy(
+        algorithm="ppo",
+        base_model=tiny_model,
+        parent_adapter=parent,
+        prompts=TRAIN_PROMPTS,
+        reward_fn=newline_reward,
+        config=config,
+        output_dir=tmp_path / "pi1",
+        progress=lambda stage, fraction: reported.append((stage, fraction)),
+    )
+
+    before = mean_reward(tiny_model, parent)
+    after = mean_reward(tiny_model, result.adapter_dir)
+    # Measured: 0.06 -> 0.46 with seed 0; seeds 1-4 reached 0.20 to 0.45.
+    assert after > before + 0.1, (before, after)
+
+    # One adapter with the parent's shape, different weights, nothing else saved with it.
+    old, new = lora_weights(parent), lora_weights(result.adapter_dir)
+    assert new.keys() == old.keys()
+    assert all(new[k].shape == old[k].shape for k in old)
+    assert any(not torch.equal(new[k], old[k]) for k in old if "lora_B" in k)
+    assert sorted(p.name for p in result.adapter_dir.iterdir() if p.is_dir()) == []
+    assert not (tmp_path / "pi1.part").exists()
+    record = json.loads((result.adapter_dir / HISTORY_FILE).read_text())
+    assert record["config"]["num_updates"] == 20
+
+    assert len(result.history) == 20
+    for metrics in result.history:
+        for key in ("q_mean", "reward_mean", "kl_ref", "clipfrac", "entropy", "value_loss"):
+            assert math.isfinite(metrics[key]), (key, metrics)
+    assert result.history[-1]["kl_ref"] > 0  # the policy moved away from pi_i, and we see it
+    assert result.metrics["q_mean_first"] == result.history[0]["q_mean"]
+    assert reported[-1] == ("done", 1.0)
+    assert [f for s, f in reported if s == "ppo"] == pytest.approx(
+        [(i + 1) / 20 for i in range(20)]
+    )
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_kl_reference_is_the_parent_policy_not_the_base(
+    tiny_model: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    noisy = tiny_adapters["noisy"]
+    # The noisy parent is far from the base model on the replies it samples ...
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model), padding_side="left")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(noisy))
+    model.eval()
+    torch.manual_seed(0)
+    rollout = sample_replies(
+        model, tokenizer, TRAIN_PROMPTS[:8], max_new_tokens=8, temperature=1.0, top_p=1.0
+    )
+    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_length, 1.0)
+    with torch.no_grad():
+        parent_logprobs, _, _ = reply_forward(model, *args)
+        with model.disable_adapter():
+            base_logprobs, _, _ = reply_forward(model, *args)
+    gap = masked_mean((parent_logprobs - base_logprobs).abs(), rollout.reply_mask).item()
+    assert gap > 0.1
+
+    # ... so a KL of zero at the first rollout (policy == pi_i) shows the reference is pi_i.
+    def letters(states: Sequence[list[ChatMessage]], replies: Sequence[str]) -> list[float]:
+        return [sum(c.isalpha() for c in reply) / max(len(reply), 1) for reply in replies]
+
+    result = improve_policy(
+        algorithm="ppo",
+        base_model=tiny_model,
+        parent_adapter=noisy,
+        prompts=TRAIN_PROMPTS,
+        reward_fn=letters,  # dense, so that the first update surely moves the policy
+        config=PPOConfig(num_updates=2, batch_size=8, max_new_tokens=8, beta=0.1, device="cpu"),
+        output_dir=tmp_path / "pi1",
+    )
+    assert abs(result.history[0]["kl_ref"]) < 1e-4
+    assert abs(result.history[1]["kl_ref"]) > 1e-4  # after one update it is not zero any more
+
+
+# -- the real model ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_ppo_smoke_on_smollm2(tmp_path: Path) -> None:
+    from tests.real_model import prepared_smollm2
+    from workers.learning.adapters import LoraSpec, create_zero_adapter
+
+    smollm2 = prepared_smollm2()
+    pi0 = create_zero_adapter(smollm2, tmp_path / "pi0", LoraSpec())
+    prompts = [
+        [
+            ChatMessage("system", "You write the next message of a kitchen renovation business."),
+            ChatMessage("user", "Hi, do you renovate kitchens? Mine is about 12 square meters."),
+        ],
+        [
+            ChatMessage("system", "You write the next message of a furniture shop."),
+            ChatMessage("user", "Is the blue sofa still available?"),
+        ],
+    ]
+
+    def shortness(states: Sequence[list[ChatMessage]], replies: Sequence[str]) -> list[float]:
+        return [1.0 - min(len(reply), 200) / 200 for reply in replies]
+
+    config = PPOConfig(
+        num_updates=1, batch_size=2, minibatch_size=2, n_ppo_epochs=1, max_new_tokens=16
+    )
+    result = improve_policy(
+        algorithm="ppo",
+        base_model=smollm2,
+        parent_adapter=pi0,
+        prompts=prompts,
+        reward_fn=shortness,
+        config=config,
+        output_dir=tmp_path / "pi1",
+    )
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert lora_weights(result.adapter_dir).keys() == lora_weights(pi0).keys()
+    assert result.history and all(math.isfinite(v) for v in result.metrics.values())
+    assert abs(result.history[0]["kl_ref"]) < 1e-3  # one rollout, taken before any update

@@ -1,0 +1,46 @@
+"""Build step configs from the operator API's loose JSON (names as in fine-tuning job APIs)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from workers.learning.configs import GRPOConfig, PPOConfig, QFitConfig, RLOOConfig
+
+ImprovementConfig = PPOConfig | RLOOConfig | GRPOConfig
+
+# API name -> field name, per algorithm: the jobs API speaks of epochs and batch sizes.
+_ALIASES: dict[str, dict[str, str]] = {
+    "ppo": {"n_epochs": "n_ppo_epochs"},
+    "rloo": {"n_epochs": "num_iterations", "batch_size": "prompts_per_step"},
+    "grpo": {"n_epochs": "num_iterations", "batch_size": "prompts_per_step"},
+}
+_CLASSES: dict[str, type[ImprovementConfig]] = {
+    "ppo": PPOConfig,
+    "rloo": RLOOConfig,
+    "grpo": GRPOConfig,
+}
+
+
+def _build(cls: type[Any], values: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    # JSON has no tuples; the dataclasses are frozen and hashable.
+    cleaned = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**cleaned)
+
+
+def q_fit_config(values: dict[str, Any]) -> QFitConfig:
+    config: QFitConfig = _build(QFitConfig, values)
+    return config
+
+
+def improvement_config(algorithm: str, values: dict[str, Any]) -> ImprovementConfig:
+    if algorithm not in _CLASSES:
+        raise ValueError(f"algorithm must be one of {sorted(_CLASSES)}, got {algorithm!r}")
+    aliases = _ALIASES[algorithm]
+    renamed = {aliases.get(k, k): v for k, v in values.items()}
+    config: ImprovementConfig = _build(_CLASSES[algorithm], renamed)
+    return config

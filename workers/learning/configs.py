@@ -1,0 +1,372 @@
+"""One config dataclass per learning step; each is stored with the iteration that used it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+# --- Q fit ---
+
+QKind = Literal["finetune", "head"]
+QPooling = Literal["last", "mean", "last_mean"]
+QDtype = Literal["float32", "bfloat16", "float16"]
+Q_KINDS: tuple[QKind, ...] = get_args(QKind)
+Q_POOLINGS: tuple[QPooling, ...] = get_args(QPooling)
+Q_DTYPES: tuple[QDtype, ...] = get_args(QDtype)
+
+
+@dataclass(frozen=True)
+class QFitConfig:
+    """How Q^pi(s, a) is regressed on Monte Carlo returns (workers/learning/q_model.py)."""
+
+    kind: QKind = field(
+        default="head",
+        metadata={
+            "help": "'finetune': LoRA + score head on the base model, trained end to end (the "
+            "paper's reward model). 'head': a small head on frozen backbone features (fast on CPU)."
+        },
+    )
+    base_model: str = field(
+        default="",
+        metadata={"help": "Path of the local Hugging Face checkpoint the policy adapts."},
+    )
+    max_length: int = field(
+        default=256,
+        metadata={
+            "help": "Tokens per (state, reply) text; the state is cut from the left so that the "
+            "latest turns and the whole candidate reply are kept."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (finetune)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (finetune)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (finetune)."})
+    lora_target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        metadata={
+            "help": "Linear layers that get LoRA (finetune); the score head is trained fully."
+        },
+    )
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "AdamW learning rate of LoRA and score head (finetune)."}
+    )
+    epochs: int = field(default=1, metadata={"help": "Passes over the training set (finetune)."})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "Rows per forward pass through the backbone (training and features)."},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Batches per optimiser step (finetune)."}
+    )
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay of LoRA and score head (finetune)."}
+    )
+    head_pooling: QPooling = field(
+        default="last_mean",
+        metadata={
+            "help": "Backbone features for the head: the last token's hidden state, the mean "
+            "over tokens, or both concatenated ('last', 'mean', 'last_mean')."
+        },
+    )
+    head_layer: int = field(
+        default=-1,
+        metadata={"help": "Hidden-state layer the head reads (-1 = the final, normed one)."},
+    )
+    head_hidden: int = field(
+        default=0, metadata={"help": "Hidden units of the head's one MLP layer; 0 = linear head."}
+    )
+    head_learning_rate: float = field(
+        default=1e-3, metadata={"help": "AdamW learning rate of the head (head)."}
+    )
+    head_epochs: int = field(
+        default=100, metadata={"help": "Passes over the cached features (head)."}
+    )
+    head_batch_size: int = field(
+        default=256, metadata={"help": "Rows per head optimiser step (head)."}
+    )
+    head_weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay of the head (head)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds subsampling, splits and training."})
+    device: str = field(
+        default="auto", metadata={"help": "'auto' (CUDA when present, else CPU), 'cpu', 'cuda'."}
+    )
+    dtype: QDtype = field(
+        default="float32",
+        metadata={"help": f"Backbone dtype, one of {Q_DTYPES}; heads and LoRA stay float32."},
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of conversations held out for evaluation when no eval set is "
+            "given (0 = no held-out metrics)."
+        },
+    )
+    max_examples: int = field(
+        default=0,
+        metadata={
+            "help": "Cap on training examples (0 = all); subsampled by seed, the same share "
+            "from every conversation."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.kind not in Q_KINDS:
+            raise ValueError(f"kind must be one of {Q_KINDS}, not {self.kind!r}")
+        if self.head_pooling not in Q_POOLINGS:
+            raise ValueError(f"head_pooling must be one of {Q_POOLINGS}, not {self.head_pooling!r}")
+        if self.dtype not in Q_DTYPES:
+            raise ValueError(f"dtype must be one of {Q_DTYPES}, not {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', not {self.device!r}")
+        if self.max_length < 16:
+            raise ValueError(f"max_length must be at least 16 tokens, not {self.max_length}")
+        positive = {
+            "lora_r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "head_epochs": self.head_epochs,
+            "head_batch_size": self.head_batch_size,
+            "learning_rate": self.learning_rate,
+            "head_learning_rate": self.head_learning_rate,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, not {value}")
+        non_negative = {
+            "head_hidden": self.head_hidden,
+            "weight_decay": self.weight_decay,
+            "head_weight_decay": self.head_weight_decay,
+            "max_examples": self.max_examples,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{name} must not be negative, not {value}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), not {self.lora_dropout}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), not {self.eval_fraction}")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module")
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lora_target_modules"] = list(self.lora_target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QFitConfig:
+        """The inverse of as_dict; unknown keys are an error (a manifest from another version)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QFitConfig fields: {unknown}")
+        values = dict(data)
+        if "lora_target_modules" in values:
+            values["lora_target_modules"] = tuple(values["lora_target_modules"])
+        return cls(**values)
+
+
+# --- Policy improvement ---
+
+GRPO_LOSS_TYPES: tuple[str, ...] = ("dapo", "grpo", "dr_grpo", "bnpo")
+GRPO_REWARD_SCALINGS: tuple[str, ...] = ("group", "batch", "none")
+
+
+@dataclass(frozen=True)
+class _PolicyImprovementConfig:
+    """What every policy-improvement algorithm shares: sampling, the KL to pi_i, the optimiser."""
+
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "AdamW learning rate of the policy's LoRA weights."}
+    )
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest sampled reply, in tokens (a cut reply is scored)."}
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature of the rollouts; log-probabilities use the same one. "
+            "1.0 samples the policy itself, which is what the KL and the ratios assume."
+        },
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling mass of the rollouts (1.0 = off)."}
+    )
+    beta: float = field(
+        default=0.05,
+        metadata={
+            "help": "KL coefficient toward pi_i, the parent policy (base + parent adapter, "
+            "frozen); 0 disables the penalty."
+        },
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Global gradient-norm clip of each optimiser step."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds prompt order, sampling and init."})
+    device: str = field(
+        default="auto", metadata={"help": "'auto' (CUDA when present, else CPU), 'cpu', 'cuda'."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', not {self.device!r}")
+        for name in ("learning_rate", "max_new_tokens", "temperature", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.beta < 0:
+            raise ValueError(f"beta must not be negative, not {self.beta}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready; `type(config)(**data)` is the inverse (unknown keys are a TypeError)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PPOConfig(_PolicyImprovementConfig):
+    """Our token-level PPO with a value head and GAE (workers/learning/ppo.py)."""
+
+    num_updates: int = field(
+        default=16, metadata={"help": "Rollout-then-optimise rounds; each samples batch_size."}
+    )
+    batch_size: int = field(
+        default=16, metadata={"help": "Prompts per rollout, one sampled reply each."}
+    )
+    minibatch_size: int = field(default=4, metadata={"help": "Rollout rows per optimiser step."})
+    n_ppo_epochs: int = field(
+        default=4, metadata={"help": "Passes over each rollout before sampling the next one."}
+    )
+    gamma_tok: float = field(
+        default=1.0, metadata={"help": "Per-token discount inside one reply (GAE gamma)."}
+    )
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    cliprange: float = field(
+        default=0.2, metadata={"help": "Clip of the probability ratio in the surrogate."}
+    )
+    cliprange_value: float = field(
+        default=0.2, metadata={"help": "Clip of the value update around the rollout's values."}
+    )
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    value_learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "help": "AdamW learning rate of the linear value head, which starts from zero each "
+            "improvement and must catch up with the returns quickly."
+        },
+    )
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "Normalise advantages over each rollout's tokens."}
+    )
+    whiten_scores: bool = field(
+        default=False,
+        metadata={"help": "Normalise the Q rewards of each rollout to mean 0, std 1."},
+    )
+    score_clip: float | None = field(
+        default=None,
+        metadata={"help": "Clip Q rewards (after whitening) to [-score_clip, score_clip]."},
+    )
+    target_kl: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop a rollout's epochs early once the approximate KL between the rollout "
+            "policy and the updated one exceeds this (None = never)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in (
+            "num_updates",
+            "batch_size",
+            "minibatch_size",
+            "n_ppo_epochs",
+            "cliprange",
+            "cliprange_value",
+            "value_learning_rate",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.minibatch_size > self.batch_size:
+            raise ValueError(
+                f"minibatch_size ({self.minibatch_size}) exceeds batch_size ({self.batch_size})"
+            )
+        for name in ("gamma_tok", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if self.vf_coef < 0:
+            raise ValueError(f"vf_coef must not be negative, not {self.vf_coef}")
+        if self.score_clip is not None and self.score_clip <= 0:
+            raise ValueError(f"score_clip must be positive or None, not {self.score_clip}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"target_kl must be positive or None, not {self.target_kl}")
+
+
+@dataclass(frozen=True)
+class _GroupSamplingConfig(_PolicyImprovementConfig):
+    """RLOO and GRPO through TRL: several replies per prompt, the group is the baseline."""
+
+    num_steps: int = field(default=16, metadata={"help": "Optimiser steps (TRL max_steps)."})
+    prompts_per_step: int = field(
+        default=4, metadata={"help": "Distinct prompts per optimiser step."}
+    )
+    num_generations: int = field(
+        default=4, metadata={"help": "Replies sampled per prompt (at least 2)."}
+    )
+    epsilon: float = field(
+        default=0.2, metadata={"help": "Clip of the probability ratio in the surrogate."}
+    )
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimiser steps per sampled batch (mu in GRPO)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for memory (large models on a GPU)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_steps", "prompts_per_step", "num_iterations", "epsilon"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be at least 2, not {self.num_generations}")
+
+
+@dataclass(frozen=True)
+class RLOOConfig(_GroupSamplingConfig):
+    """REINFORCE leave-one-out via trl.RLOOTrainer (workers/learning/rl_trl.py).
+
+    beta enters as a sequence-level penalty on the reward, as in TRL's RLOO.
+    """
+
+    normalize_advantages: bool = field(
+        default=False, metadata={"help": "Normalise advantages over each sampled batch."}
+    )
+
+
+@dataclass(frozen=True)
+class GRPOConfig(_GroupSamplingConfig):
+    """GRPO via trl.GRPOTrainer (workers/learning/rl_trl.py).
+
+    beta weights a per-token KL term (k3 estimator) in the loss, as in TRL's GRPO.
+    """
+
+    loss_type: str = field(
+        default="dapo",
+        metadata={"help": f"TRL's token aggregation of the loss, one of {GRPO_LOSS_TYPES}."},
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={"help": f"Reward scaling before the advantage, one of {GRPO_REWARD_SCALINGS}."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, not {self.loss_type!r}")
+        if self.scale_rewards not in GRPO_REWARD_SCALINGS:
+            raise ValueError(
+                f"scale_rewards must be one of {GRPO_REWARD_SCALINGS}, not {self.scale_rewards!r}"
+            )

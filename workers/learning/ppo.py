@@ -1,0 +1,431 @@
+"""Token-level PPO for the policy-improvement step of Iterative PPO, readable top to bottom.
+
+Single-turn RL: each prompt is a logged conversation state, the action is the whole sampled
+business reply, and Q^pi(s, a) (`reward_fn`) scores it once. Per reply token t:
+
+    r_t = -beta * (log pi(a_t | s_t) - log pi_i(a_t | s_t)),  plus Q(s, a) at the last token,
+
+advantages by GAE(gamma_tok, lam) on a value head, the clipped surrogate and the clipped value
+loss, a few epochs of minibatches per rollout (Schulman et al. 2017; Ziegler et al. 2019). The
+layout follows CleanRL's ppo.py; the tensor helpers are pure functions tested against loops.
+
+Policy and reference (see improve.py): pi_{i+1} is the parent adapter trained further, saved
+as one adapter on the base. The reference pi_i is a frozen copy of the parent adapter, loaded
+as adapter "reference" on the same base weights and selected per row with peft's
+`adapter_names`, so no second model is held in memory and no adapter state is switched.
+
+Value head: a linear layer on the policy's final hidden state (a shared trunk). One forward
+pass yields both log-probs and values, half the cost of a separate critic model, which matters
+on CPU; the price is that the value loss also moves the LoRA weights, bounded by vf_coef. The
+head starts at zero for each improvement (Q changes every iteration) and is not saved.
+
+Everything runs in eval mode: dropout off, so the sampling policy, the rollout log-probs and
+the updated log-probs are one distribution. Log-probs use the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from services.policies.prompt import ChatMessage
+from workers.learning.configs import PPOConfig
+from workers.learning.improve import (
+    POLICY_ADAPTER,
+    ProgressFn,
+    RewardFn,
+    checked_rewards,
+    load_policy,
+    load_tokenizer,
+    resolve_device,
+    save_policy,
+)
+
+log = logging.getLogger(__name__)
+
+REFERENCE_ADAPTER = "reference"
+
+
+# -- pure tensor helpers ----------------------------------------------------------------------
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of values where mask is 1, over everything or along dim."""
+    if dim is None:
+        return (values * mask).sum() / mask.sum()
+    return (values * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_var(values: Tensor, mask: Tensor) -> Tensor:
+    """Population variance of values where mask is 1."""
+    mean = masked_mean(values, mask)
+    return masked_mean((values - mean) ** 2, mask)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """values scaled to unit variance over the masked entries (and centred, if shift_mean)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimates and returns (advantages + values), both (B, T).
+
+    mask is 1 on each row's reply tokens and 0 on the right padding after them; the state after
+    a row's last token is terminal (value 0). Padded positions come back as 0.
+    """
+    steps = rewards.shape[1]
+    running = torch.zeros_like(rewards[:, 0])
+    reversed_advantages = []
+    for t in reversed(range(steps)):
+        # Padding after the last token means the episode ended: no bootstrap, no carry.
+        next_mask = mask[:, t + 1] if t + 1 < steps else torch.zeros_like(running)
+        next_value = values[:, t + 1] * next_mask if t + 1 < steps else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * next_mask * running
+        reversed_advantages.append(running)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1) * mask
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate: (loss, fraction of tokens clipped, approx KL(old || new))."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    # The k3 estimator (Schulman): unbiased and never negative, as in CleanRL.
+    approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
+) -> tuple[Tensor, Tensor]:
+    """Clipped value loss 0.5 * max(unclipped, clipped squared error): (loss, clip fraction)."""
+    clipped_values = old_values + torch.clamp(
+        values - old_values, -cliprange_value, cliprange_value
+    )
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    clipfrac = masked_mean((clipped_error > unclipped_error).float(), mask)
+    return loss, clipfrac.detach()
+
+
+def logprobs_of(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Log-probability of each token under its logits: (B, T, V), (B, T) -> (B, T)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: Tensor) -> Tensor:
+    """Entropy of each position's distribution: (B, T, V) -> (B, T)."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+# -- model pieces -----------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    """V(s_t) from the policy's final hidden state; starts at zero."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.linear(hidden).squeeze(-1)
+
+
+@dataclass
+class Rollout:
+    """Sampled replies: left-padded prompts, then replies padded on the right."""
+
+    input_ids: Tensor  # (B, P + C)
+    attention_mask: Tensor  # (B, P + C)
+    reply_mask: Tensor  # (B, C) float: 1 on reply tokens up to and including the end token
+    prompt_length: int  # P
+    texts: list[str]
+
+
+def sample_replies(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[ChatMessage]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> Rollout:
+    """Sample one reply per prompt from the model's active adapter, as the suggestion API would
+    render the prompt (the chat template with the generation prompt)."""
+    from transformers import GenerationConfig
+
+    texts = [
+        tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        for messages in prompts
+    ]
+    device = next(model.parameters()).device
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = encoded.to(device)
+    end_ids = _end_token_ids(model, tokenizer)
+    generation = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,  # transformers would otherwise apply top_k=50: not the distribution we score
+        eos_token_id=end_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.no_grad():
+        sequences = model.generate(**encoded, generation_config=generation)
+    prompt_length = int(encoded["input_ids"].shape[1])
+    replies = sequences[:, prompt_length:]
+    is_end = torch.isin(replies, torch.tensor(end_ids, device=device))
+    # Keep tokens up to and including the first end token; a reply cut at max_new_tokens keeps
+    # all of them and is scored as written.
+    ended_before = (is_end.long().cumsum(dim=1) - is_end.long()) > 0
+    reply_mask = (~ended_before).float()
+    lengths = reply_mask.sum(dim=1).long().tolist()
+    reply_texts = [
+        str(tokenizer.decode(row[:length], skip_special_tokens=True))
+        for row, length in zip(replies.tolist(), lengths, strict=True)
+    ]
+    attention_mask = torch.cat([encoded["attention_mask"], reply_mask.long()], dim=1)
+    return Rollout(sequences, attention_mask, reply_mask, prompt_length, reply_texts)
+
+
+def reply_forward(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_length: int,
+    temperature: float,
+    adapter: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per reply token: log-prob and entropy under the model (temperature-scaled), and the
+    final hidden state of the state before the token. adapter picks a peft adapter per row."""
+    reply_length = input_ids.shape[1] - prompt_length
+    extra = {"adapter_names": [adapter] * input_ids.shape[0]} if adapter else {}
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+        output_hidden_states=True,
+        logits_to_keep=reply_length + 1,  # only the logits that predict reply tokens
+        **extra,
+    )
+    logits = output.logits[:, :-1] / temperature
+    logprobs = logprobs_of(logits, input_ids[:, prompt_length:])
+    with torch.no_grad():
+        entropy = entropy_of(logits)
+    hidden = output.hidden_states[-1][:, prompt_length - 1 : -1]
+    return logprobs, entropy, hidden
+
+
+def score_rollout(
+    model: Any, value_head: ValueHead, rollout: Rollout, temperature: float, chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Log-probs under the policy and under pi_i, values and entropies of the rollout's reply
+    tokens, without gradients, chunk_size rows at a time (bounds activation memory)."""
+    parts: list[tuple[Tensor, ...]] = []
+    with torch.no_grad():
+        for start in range(0, rollout.input_ids.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            args = (
+                rollout.input_ids[rows],
+                rollout.attention_mask[rows],
+                rollout.prompt_length,
+                temperature,
+            )
+            logprobs, entropy, hidden = reply_forward(model, *args)
+            ref_logprobs, _, _ = reply_forward(model, *args, adapter=REFERENCE_ADAPTER)
+            parts.append((logprobs, ref_logprobs, value_head(hidden), entropy))
+    logprobs, ref_logprobs, values, entropy = (
+        torch.cat(column) for column in zip(*parts, strict=True)
+    )
+    return logprobs, ref_logprobs, values, entropy
+
+
+def _end_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return [int(i) for i in ids]
+
+
+def _prompt_batches(
+    n_prompts: int, batch_size: int, generator: torch.Generator
+) -> Iterator[list[int]]:
+    """Endless batches of prompt indices: shuffled passes over all prompts, wrapping around."""
+    pending: list[int] = []
+    while True:
+        while len(pending) < batch_size:
+            pending.extend(torch.randperm(n_prompts, generator=generator).tolist())
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+# -- the algorithm ----------------------------------------------------------------------------
+
+
+def train_ppo(
+    *,
+    base_model: Path,
+    parent_adapter: Path,
+    prompts: Sequence[list[ChatMessage]],
+    reward_fn: RewardFn,
+    config: PPOConfig,
+    output_dir: Path,
+    progress: ProgressFn,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Run PPO from pi_i and save pi_{i+1} to output_dir: (summary metrics, per-update metrics)."""
+    torch.manual_seed(config.seed)
+    order = torch.Generator().manual_seed(config.seed)
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(base_model)
+    model = load_policy(base_model, parent_adapter, device)
+    model.load_adapter(str(parent_adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter(POLICY_ADAPTER)
+    model.eval()
+    value_head = ValueHead(model.config.hidden_size).to(device)
+    policy_params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": policy_params, "lr": config.learning_rate},
+            {"params": list(value_head.parameters()), "lr": config.value_learning_rate},
+        ],
+        weight_decay=0.0,
+    )
+    all_params = [*policy_params, *value_head.parameters()]
+    batches = _prompt_batches(len(prompts), config.batch_size, order)
+    history: list[dict[str, float]] = []
+    started = time.monotonic()
+
+    for update in range(config.num_updates):
+        # 1. Rollout: sample replies from the current policy, score them with Q, and record the
+        # log-probs of the policy that sampled them, of pi_i, and the values.
+        batch = [prompts[i] for i in next(batches)]
+        rollout = sample_replies(
+            model,
+            tokenizer,
+            batch,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+        )
+        q = torch.tensor(checked_rewards(reward_fn(batch, rollout.texts), len(batch)))
+        q = q.to(device)
+        mask = rollout.reply_mask
+        old_logprobs, ref_logprobs, old_values, entropy = score_rollout(
+            model, value_head, rollout, config.temperature, config.minibatch_size
+        )
+        with torch.no_grad():
+            # 2. Per-token rewards: the KL penalty to pi_i everywhere, Q at the last token.
+            kl = (old_logprobs - ref_logprobs) * mask
+            score = q
+            if config.whiten_scores:
+                score = masked_whiten(score, torch.ones_like(score))
+            if config.score_clip is not None:
+                score = score.clamp(-config.score_clip, config.score_clip)
+            rewards = -config.beta * kl
+            last = mask.sum(dim=1).long() - 1
+            rewards[torch.arange(len(batch), device=device), last] += score
+            advantages, returns = compute_gae(
+                rewards, old_values, mask, config.gamma_tok, config.lam
+            )
+            if config.whiten_advantages:
+                advantages = masked_whiten(advantages, mask) * mask
+
+        # 3. Optimise: n_ppo_epochs passes of minibatches over this rollout.
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")
+        }
+        epochs_run = 0
+        for _ in range(config.n_ppo_epochs):
+            epoch_kl: list[float] = []
+            permutation = torch.randperm(len(batch), generator=order).tolist()
+            for start in range(0, len(batch), config.minibatch_size):
+                rows = permutation[start : start + config.minibatch_size]
+                logprobs, _, hidden = reply_forward(
+                    model,
+                    rollout.input_ids[rows],
+                    rollout.attention_mask[rows],
+                    rollout.prompt_length,
+                    config.temperature,
+                )
+                values = value_head(hidden)
+                pg_loss, clipfrac, approx_kl = policy_loss(
+                    logprobs, old_logprobs[rows], advantages[rows], mask[rows], config.cliprange
+                )
+                vf_loss, vf_clipfrac = value_loss(
+                    values, old_values[rows], returns[rows], mask[rows], config.cliprange_value
+                )
+                loss = pg_loss + config.vf_coef * vf_loss
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(all_params, config.max_grad_norm)
+                optimizer.step()
+                for key, value in (
+                    ("policy_loss", pg_loss),
+                    ("value_loss", vf_loss),
+                    ("clipfrac", clipfrac),
+                    ("value_clipfrac", vf_clipfrac),
+                    ("approx_kl", approx_kl),
+                ):
+                    stats[key].append(float(value.item()))
+                epoch_kl.append(float(approx_kl.item()))
+            epochs_run += 1
+            if config.target_kl is not None and sum(epoch_kl) / len(epoch_kl) > config.target_kl:
+                break
+
+        kl_per_reply = kl.sum(dim=1)
+        metrics = {
+            "update": float(update + 1),
+            "q_mean": float(q.mean().item()),
+            "q_std": float(q.std().item()) if len(batch) > 1 else 0.0,
+            "reward_mean": float((q - config.beta * kl_per_reply).mean().item()),
+            "kl_ref": float(kl_per_reply.mean().item()),
+            "kl_ref_per_token": float(masked_mean(kl, mask).item()),
+            "entropy": float(masked_mean(entropy, mask).item()),
+            "reply_tokens": float(mask.sum(dim=1).mean().item()),
+            "epochs": float(epochs_run),
+            "seconds": time.monotonic() - started,
+            **{key: sum(seen) / len(seen) for key, seen in stats.items()},
+        }
+        history.append(metrics)
+        log.info(
+            "ppo update %d/%d: q %.4f kl_ref %.4f clipfrac %.3f",
+            update + 1,
+            config.num_updates,
+            metrics["q_mean"],
+            metrics["kl_ref"],
+            metrics["clipfrac"],
+        )
+        progress("ppo", (update + 1) / config.num_updates)
+
+    save_policy(model, output_dir)
+    summary = {**history[-1], "q_mean_first": history[0]["q_mean"]}
+    return summary, history

@@ -1,0 +1,672 @@
+"""Q^pi(s, a): regression of Monte Carlo returns on (conversation state, candidate reply).
+
+As in Jiang et al. (2025), Q is fitted like a single-turn reward model: the input is the chat
+the policy sees plus the candidate reply as the final assistant message, the target is the
+return G observed after that decision. Two kinds:
+
+- `finetune`: the base model as a sequence regressor (one output, LoRA + a fully trained score
+  head), trained end to end with the transformers Trainer. The paper's choice; PPO's reward.
+- `head`: a frozen backbone whose pooled hidden states are computed once, and a small head
+  (linear or one hidden layer) trained on them. Minutes on a CPU instead of hours.
+
+A fitted model lives in one directory: `q_model.json` (kind, config, metrics, base model path)
+and the adapter (`adapter/`) or the head weights (`head.safetensors`). `QModel.load` reloads it,
+`QModel.score` is the batched reward function, `evaluate` the held-out report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from services.policies.prompt import ChatMessage, Turn, chat_turns
+from workers.learning.configs import QFitConfig
+from workers.learning.examples import StepExample
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "q_model.json"
+ADAPTER_DIR = "adapter"
+HEAD_FILE = "head.safetensors"
+FORMAT_VERSION = 1
+
+ScoreItem = tuple[str | None, Sequence[Turn], str]  # (system, state, candidate reply)
+Progress = Callable[[str, float], None]
+
+
+class OutcomeMetrics(TypedDict):
+    n: int
+    mse: float | None  # of Q against the return G
+    auc: float | None  # ROC AUC of Q against the conversation's outcome; None with one class
+    brier: float | None  # of clip(Q, 0, 1) against the outcome
+
+
+QMetrics = dict[str, OutcomeMetrics]  # "all" examples, and "first_half" (step < n_steps / 2)
+
+
+@dataclass(frozen=True)
+class QFitResult:
+    path: Path
+    model: QModel
+    metrics: QMetrics  # empty when nothing was held out
+    n_train: int
+    n_eval: int
+    seconds: float
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def q_messages(system: str | None, state: Sequence[Turn], action: str) -> list[ChatMessage]:
+    """What the policy saw, then the candidate reply as the final assistant message."""
+    head = [ChatMessage("system", system)] if system else []
+    # The reply stays its own message even after a business turn: it is what the policy wrote.
+    return [*head, *chat_turns(state), ChatMessage("assistant", action)]
+
+
+def render_q_inputs(
+    tokenizer: PreTrainedTokenizerBase, items: Sequence[ScoreItem], max_length: int
+) -> list[list[int]]:
+    """Token ids of each (system, state, reply) in the chat template, cut from the left.
+
+    Cutting tokens from the left keeps the latest turns and the reply, which is what Q needs
+    most; only a reply longer than max_length itself loses its start.
+    """
+    texts = [
+        str(
+            tokenizer.apply_chat_template(
+                [m.as_dict() for m in q_messages(system, state, action)], tokenize=False
+            )
+        )
+        for system, state, action in items
+    ]
+    # The template already spells out its special tokens.
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(ids[-max_length:]) for ids in encoded]
+
+
+def load_tokenizer(base_model: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _pad_right(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def _length_batches(inputs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length: far less padding to run through the model."""
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# -- subsets --------------------------------------------------------------------------------
+
+
+def split_by_conversation(
+    examples: Sequence[StepExample], fraction: float, seed: int
+) -> tuple[list[StepExample], list[StepExample]]:
+    """(train, held out): a seeded share of whole conversations is held out."""
+    ids = sorted({e.conversation_id for e in examples})
+    n_held = round(fraction * len(ids))
+    if fraction > 0 and len(ids) > 1:
+        n_held = min(max(n_held, 1), len(ids) - 1)
+    held = {ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:n_held]}
+    train = [e for e in examples if e.conversation_id not in held]
+    return train, [e for e in examples if e.conversation_id in held]
+
+
+def subsample_examples(
+    examples: Sequence[StepExample], max_examples: int, seed: int
+) -> list[StepExample]:
+    """At most max_examples, the same share of every conversation, chosen by seed (order kept).
+
+    Each conversation's examples are shuffled and spread over [0, 1) from a random offset
+    (systematic sampling); keeping the lowest positions takes round(share * size) from each.
+    """
+    if max_examples == 0 or len(examples) <= max_examples:
+        return list(examples)
+    rng = np.random.default_rng(seed)
+    by_conversation: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_conversation.setdefault(example.conversation_id, []).append(index)
+    position = np.empty(len(examples))
+    for conversation_id in sorted(by_conversation):
+        members = by_conversation[conversation_id]
+        offset = rng.random()
+        for rank, member in enumerate(rng.permutation(members)):
+            position[member] = (rank + offset) / len(members)
+    keep = np.sort(np.argsort(position, kind="stable")[:max_examples])
+    return [examples[int(i)] for i in keep]
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def outcome_metrics(
+    q_values: Sequence[float], returns: Sequence[float], outcomes: Sequence[int]
+) -> OutcomeMetrics:
+    """MSE against the returns, ROC AUC and Brier score against the outcomes."""
+    from sklearn.metrics import (  # type: ignore[import-untyped]
+        brier_score_loss,
+        roc_auc_score,
+    )
+
+    n = len(q_values)
+    if n == 0:
+        return OutcomeMetrics(n=0, mse=None, auc=None, brier=None)
+    q = np.asarray(q_values, dtype=np.float64)
+    y = np.asarray(outcomes, dtype=np.int64)
+    mse = float(np.mean((q - np.asarray(returns, dtype=np.float64)) ** 2))
+    auc = float(roc_auc_score(y, q)) if len(np.unique(y)) == 2 else None
+    brier = float(brier_score_loss(y, np.clip(q, 0.0, 1.0), pos_label=1))
+    return OutcomeMetrics(n=n, mse=mse, auc=auc, brier=brier)
+
+
+def q_metrics(q_values: Sequence[float], examples: Sequence[StepExample]) -> QMetrics:
+    """outcome_metrics over all examples and over the first half of each conversation.
+
+    The first half is the harder and more useful test: late turns often state the outcome.
+    """
+    first = [i for i, e in enumerate(examples) if e.step < e.n_steps / 2]
+    return {
+        "all": outcome_metrics(q_values, [e.ret for e in examples], [e.outcome for e in examples]),
+        "first_half": outcome_metrics(
+            [q_values[i] for i in first],
+            [examples[i].ret for i in first],
+            [examples[i].outcome for i in first],
+        ),
+    }
+
+
+def evaluate(q: QModel, examples: Sequence[StepExample], *, batch_size: int = 16) -> QMetrics:
+    """Score the examples with q and report q_metrics."""
+    values = q.score([(e.system, e.state, e.action) for e in examples], batch_size=batch_size)
+    return q_metrics(values, examples)
+
+
+# -- the head kind --------------------------------------------------------------------------
+
+
+class QHead(nn.Module):
+    """Standardised features -> linear or one-hidden-layer MLP -> Q."""
+
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+
+    def __init__(self, n_features: int, hidden: int) -> None:
+        super().__init__()
+        # LLM hidden states have a few huge dimensions; standardising keeps one learning
+        # rate right for all of them.
+        self.register_buffer("feature_mean", torch.zeros(n_features))
+        self.register_buffer("feature_std", torch.ones(n_features))
+        self.body: nn.Module = nn.Identity()
+        if hidden:
+            self.body = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU())
+        self.out = nn.Linear(hidden or n_features, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        standardised = (features.float() - self.feature_mean) / self.feature_std
+        q: torch.Tensor = self.out(self.body(standardised)).squeeze(-1)
+        return q
+
+
+def pooled_features(
+    backbone: nn.Module,
+    inputs: Sequence[Sequence[int]],
+    *,
+    pooling: str,
+    layer: int,
+    batch_size: int,
+    pad_id: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """One feature row per input: the last real token's hidden state and/or the token mean.
+
+    The last token has read the whole text (causal attention) and the mean is a steadier
+    summary of a frozen model that was never trained to pool; 'last_mean' gives the head both.
+    """
+    device = next(backbone.parameters()).device
+    rows: list[torch.Tensor | None] = [None] * len(inputs)
+    batches = _length_batches(inputs, batch_size)
+    with torch.inference_mode():
+        for done, batch in enumerate(batches, start=1):
+            input_ids, attention_mask = (
+                t.to(device) for t in _pad_right([inputs[i] for i in batch], pad_id)
+            )
+            output = backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=layer != -1,
+            )
+            hidden = output.last_hidden_state if layer == -1 else output.hidden_states[layer]
+            hidden = hidden.float()
+            parts = []
+            if pooling in ("last", "last_mean"):
+                positions = torch.arange(len(batch), device=device)
+                parts.append(hidden[positions, attention_mask.sum(1) - 1])
+            if pooling in ("mean", "last_mean"):
+                mask = attention_mask.unsqueeze(-1).float()
+                parts.append((hidden * mask).sum(1) / mask.sum(1))
+            for row, index in zip(torch.cat(parts, -1).cpu(), batch, strict=True):
+                rows[index] = row
+            if progress is not None:
+                progress("features", done / len(batches))
+    return torch.stack([row for row in rows if row is not None])
+
+
+def train_head(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    config: QFitConfig,
+    progress: Progress | None = None,
+) -> QHead:
+    """Weighted-MSE regression of the targets on cached features (AdamW, shuffled minibatches)."""
+    torch.manual_seed(config.seed)
+    head = QHead(features.shape[1], config.head_hidden)
+    head.feature_mean.copy_(features.mean(0))
+    head.feature_std.copy_(features.std(0).clamp_min(1e-6))
+    with torch.no_grad():
+        # Start at the mean return: the head then only learns how examples differ from it.
+        head.out.bias.fill_(float((weights * targets).sum() / weights.sum()))
+    optimizer = torch.optim.AdamW(
+        head.parameters(), lr=config.head_learning_rate, weight_decay=config.head_weight_decay
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    head.train()
+    for epoch in range(config.head_epochs):
+        for batch in torch.randperm(len(features), generator=generator).split(
+            config.head_batch_size
+        ):
+            loss = weighted_mse(head(features[batch]), targets[batch], weights[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if progress is not None:
+            progress("train", (epoch + 1) / config.head_epochs)
+    head.eval()
+    return head
+
+
+def weighted_mse(q: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (weights * (q - targets) ** 2).sum() / weights.sum()
+
+
+# -- the finetune kind ----------------------------------------------------------------------
+
+
+class _RegressionRows(torch.utils.data.Dataset[dict[str, Any]]):
+    def __init__(self, inputs: list[list[int]], targets: list[float], weights: list[float]):
+        self.inputs, self.targets, self.weights = inputs, targets, weights
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "input_ids": self.inputs[index],
+            "labels": self.targets[index],
+            "weights": self.weights[index],
+        }
+
+
+class _PadCollator:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = _pad_right([row["input_ids"] for row in rows], self.pad_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": torch.tensor([row["labels"] for row in rows], dtype=torch.float32),
+            "weights": torch.tensor([row["weights"] for row in rows], dtype=torch.float32),
+        }
+
+
+class _WeightedRegressionTrainer(Trainer):
+    """The plain Trainer with weighted MSE (TRL's RewardTrainer only knows preference pairs)."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by accumulation steps
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        targets, weights = inputs.pop("labels"), inputs.pop("weights")
+        outputs = model(**inputs)
+        loss = weighted_mse(outputs.logits.squeeze(-1).float(), targets, weights)
+        return (loss, outputs) if return_outputs else loss
+
+
+class _ProgressCallback(TrainerCallback):
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.progress("train", state.global_step / max(state.max_steps, 1))
+
+
+def _sequence_regressor(config: QFitConfig, base_model: str, pad_id: int) -> Any:
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_model, num_labels=1, problem_type="regression", dtype=getattr(torch, config.dtype)
+    )
+    # The regressor reads the last non-pad token, so it must know the pad id.
+    model.config.pad_token_id = pad_id
+    return model
+
+
+def _fit_finetune(
+    inputs: list[list[int]],
+    targets: list[float],
+    weights: list[float],
+    config: QFitConfig,
+    pad_id: int,
+    work_dir: Path,
+    progress: Progress | None,
+) -> Any:
+    set_seed(config.seed)  # the score head and LoRA A matrices are initialised at random
+    model = _sequence_regressor(config, config.base_model, pad_id)
+    lora = LoraConfig(
+        task_type="SEQ_CLS",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        modules_to_save=["score"],
+    )
+    model = get_peft_model(model, lora)
+    device = resolve_device(config.device)
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        seed=config.seed,
+        use_cpu=device.type == "cpu",
+        bf16=config.dtype == "bfloat16" and device.type == "cuda",
+        fp16=config.dtype == "float16" and device.type == "cuda",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
+    trainer = _WeightedRegressionTrainer(
+        model=model,
+        args=args,
+        train_dataset=_RegressionRows(inputs, targets, weights),
+        data_collator=_PadCollator(pad_id),
+        callbacks=[_ProgressCallback(progress)] if progress is not None else None,
+    )
+    # Our own callback reports progress; the default printer would print() every log line.
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    for entry in trainer.state.log_history:
+        log.info("q finetune: %s", entry)
+    model.eval()
+    return model
+
+
+# -- the model ------------------------------------------------------------------------------
+
+
+class QModel:
+    """A fitted Q: score (system, state, reply) triples in batches, without gradients."""
+
+    def __init__(
+        self,
+        *,
+        config: QFitConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        network: nn.Module,
+        head: QHead | None = None,
+        return_offset: float = 0.0,
+        metrics: QMetrics | None = None,
+    ) -> None:
+        if config.kind == "head" and head is None:
+            raise ValueError("a head Q model needs its head")
+        if config.kind == "finetune" and head is not None:
+            raise ValueError("a finetune Q model has no separate head")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.network = network  # the frozen backbone (head) or the LoRA regressor (finetune)
+        self.head = head
+        self.return_offset = return_offset  # added to the regressor's output (finetune)
+        self.metrics: QMetrics = metrics or {}
+        self.device = next(network.parameters()).device
+        if head is not None:
+            head.to(self.device)
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def score(self, items: Sequence[ScoreItem], *, batch_size: int = 16) -> list[float]:
+        """Q of each (system, state, candidate reply)."""
+        if not items:
+            return []
+        inputs = render_q_inputs(self.tokenizer, items, self.config.max_length)
+        pad_id = int(self.tokenizer.pad_token_id)
+        self.network.eval()
+        if self.head is not None:
+            features = pooled_features(
+                self.network,
+                inputs,
+                pooling=self.config.head_pooling,
+                layer=self.config.head_layer,
+                batch_size=batch_size,
+                pad_id=pad_id,
+            )
+            with torch.inference_mode():
+                return [float(v) for v in self.head(features.to(self.device)).cpu()]
+        values = [0.0] * len(inputs)
+        with torch.inference_mode():
+            for batch in _length_batches(inputs, batch_size):
+                input_ids, attention_mask = _pad_right([inputs[i] for i in batch], pad_id)
+                logits = self.network(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                ).logits
+                for index, value in zip(batch, logits[:, 0].float().cpu(), strict=True):
+                    values[index] = float(value) + self.return_offset
+        return values
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if self.head is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+            save_file(state, str(path / HEAD_FILE))
+        else:
+            self.network.save_pretrained(str(path / ADAPTER_DIR))  # type: ignore[operator]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "base_model": self.config.base_model,
+            "config": self.config.as_dict(),
+            "return_offset": self.return_offset,
+            "metrics": self.metrics,
+        }
+        # Written last: a directory with a manifest is a complete model.
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, device: str | None = None, base_model: str | None = None
+    ) -> QModel:
+        """Reload a fitted Q; base_model overrides the recorded path (the checkpoint moved)."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST} in {path}: not a fitted Q model")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{manifest_path}: unsupported format {manifest.get('format_version')}"
+            )
+        config = QFitConfig.from_dict(manifest["config"])
+        config = replace(
+            config, base_model=base_model or config.base_model, device=device or config.device
+        )
+        tokenizer = load_tokenizer(config.base_model)
+        target = resolve_device(config.device)
+        head: QHead | None = None
+        network: Any
+        if config.kind == "head":
+            network = _frozen_backbone(config, target)
+            state = load_file(str(path / HEAD_FILE))
+            head = QHead(state["feature_mean"].numel(), config.head_hidden)
+            head.load_state_dict(state)
+            head.eval()
+        else:
+            regressor = _sequence_regressor(config, config.base_model, tokenizer.pad_token_id)
+            network = PeftModel.from_pretrained(regressor, str(path / ADAPTER_DIR))
+            network.to(target)
+            network.eval()
+        return cls(
+            config=config,
+            tokenizer=tokenizer,
+            network=network,
+            head=head,
+            return_offset=float(manifest["return_offset"]),
+            metrics=manifest["metrics"],
+        )
+
+
+def _frozen_backbone(config: QFitConfig, device: torch.device) -> Any:
+    backbone = AutoModel.from_pretrained(config.base_model, dtype=getattr(torch, config.dtype))
+    backbone.requires_grad_(False)
+    backbone.to(device)
+    backbone.eval()
+    return backbone
+
+
+# -- fitting --------------------------------------------------------------------------------
+
+
+def fit_q(
+    train: Sequence[StepExample],
+    eval: Sequence[StepExample] | None,
+    config: QFitConfig,
+    output_dir: Path,
+    progress: Progress | None = None,
+) -> QFitResult:
+    """Fit Q on the training examples, evaluate on eval (or a held-out share), save to output_dir.
+
+    progress, if given, is called with (stage, fraction done), stage one of "features",
+    "train", "evaluate".
+    """
+    started = time.monotonic()
+    if not config.base_model:
+        raise ValueError("config.base_model must name the base model checkpoint")
+    if not train:
+        raise ValueError("no training examples")
+    if eval is None:
+        train, eval = split_by_conversation(train, config.eval_fraction, config.seed)
+    train = subsample_examples(train, config.max_examples, config.seed)
+    if not train:
+        raise ValueError("no training examples left after holding out the eval conversations")
+    tokenizer = load_tokenizer(config.base_model)
+    pad_id = int(tokenizer.pad_token_id)
+    inputs = render_q_inputs(
+        tokenizer, [(e.system, e.state, e.action) for e in train], config.max_length
+    )
+    targets = [float(e.ret) for e in train]
+    weights = [float(e.weight) for e in train]
+    log.info(
+        "fitting a %s Q on %d examples (%d held out), mean length %.0f tokens",
+        config.kind,
+        len(train),
+        len(eval),
+        sum(map(len, inputs)) / len(inputs),
+    )
+    model: QModel
+    if config.kind == "head":
+        backbone = _frozen_backbone(config, resolve_device(config.device))
+        features = pooled_features(
+            backbone,
+            inputs,
+            pooling=config.head_pooling,
+            layer=config.head_layer,
+            batch_size=config.batch_size,
+            pad_id=pad_id,
+            progress=progress,
+        )
+        head = train_head(features, torch.tensor(targets), torch.tensor(weights), config, progress)
+        model = QModel(config=config, tokenizer=tokenizer, network=backbone, head=head)
+    else:
+        # The score head has no bias: regress the deviation from the mean return instead.
+        offset = float(np.average(targets, weights=weights))
+        with tempfile.TemporaryDirectory(prefix="q-trainer-") as work_dir:
+            regressor = _fit_finetune(
+                inputs,
+                [t - offset for t in targets],
+                weights,
+                config,
+                pad_id,
+                Path(work_dir),
+                progress,
+            )
+        model = QModel(config=config, tokenizer=tokenizer, network=regressor, return_offset=offset)
+    if eval:
+        if progress is not None:
+            progress("evaluate", 0.0)
+        model.metrics = evaluate(model, eval, batch_size=config.batch_size)
+        log.info("held-out Q metrics: %s", model.metrics)
+    model.save(output_dir)
+    if progress is not None:
+        progress("evaluate", 1.0)
+    return QFitResult(
+        path=output_dir,
+        model=model,
+        metrics=model.metrics,
+        n_train=len(train),
+        n_eval=len(eval),
+        seconds=time.monotonic() - started,
+    )

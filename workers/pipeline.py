@@ -1,0 +1,373 @@
+"""One iteration step = load ids -> run the learning code -> persist, idempotently.
+
+`run_step` is what a Celery task (or the inline runner) calls. Heavy work happens outside any
+database transaction; artifacts are written to a temporary directory and renamed into place,
+so a worker killed mid-step leaves nothing half-written and the redelivered step starts clean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.db import session_scope
+from services.experiments import repository as experiments_repository
+from services.experiments.assignment import unit_interval
+from services.experiments.models import GLOBAL_SCOPE
+from services.experiments.service import ArmSpec, create_experiment, stop_experiment
+from services.iterations import service
+from services.iterations.dataset import build_examples
+from services.iterations.models import Iteration, Step
+from services.policies import service as policies
+from services.policies.models import PolicyStatus
+from services.policies.prompt import ChatMessage, Turn, chat_turns
+from services.settings import Settings
+from workers.learning.examples import StepExample
+from workers.learning.returns import ReturnsConfig
+
+log = logging.getLogger(__name__)
+
+
+class StepBusy(Exception):
+    """Another worker holds a live lease on this step: try again later."""
+
+
+class GateFailed(Exception):
+    """The Q function is not good enough to improve against."""
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def step_dir(settings: Settings, iteration_id: str, step: Step) -> Path:
+    return settings.artifacts_dir / "iterations" / iteration_id / step.value
+
+
+def _fresh_dir(final: Path, attempt: int) -> Path:
+    tmp = final.with_name(f"{final.name}.tmp-{attempt}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished step's artifacts into place; drop what dead attempts left behind."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for stale in final.parent.glob(f"{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# -- examples on disk ---------------------------------------------------------------------------
+
+
+def write_examples(path: Path, examples: list[StepExample]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for e in examples:
+            row = asdict(e)
+            row["state"] = [[t.role, t.text] for t in e.state]
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_examples(path: Path) -> list[StepExample]:
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            row["state"] = tuple(Turn(role, text) for role, text in row["state"])
+            examples.append(StepExample(**row))
+    return examples
+
+
+def prompt_messages(system: str | None, state: tuple[Turn, ...]) -> list[ChatMessage]:
+    head = [ChatMessage("system", system)] if system else []
+    return head + chat_turns(state)
+
+
+def state_of(messages: list[ChatMessage]) -> tuple[str | None, tuple[Turn, ...]]:
+    """Inverse of prompt_messages, for a reward function that receives chat prompts."""
+    system = messages[0].content if messages and messages[0].role == "system" else None
+    body = messages[1:] if system is not None else messages
+    return system, tuple(
+        Turn("customer" if m.role == "user" else "business", m.content) for m in body
+    )
+
+
+# -- the steps ----------------------------------------------------------------------------------
+
+
+class Context:
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        settings: Settings,
+        iteration: Iteration,
+        attempt: int,
+        progress: Callable[[float], None],
+    ) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.iteration = iteration
+        self.attempt = attempt
+        self.progress = progress
+        self.configs: dict[str, Any] = iteration.configs
+
+    def dir(self, step: Step) -> Path:
+        return step_dir(self.settings, self.iteration.id, step)
+
+    def result_of(self, step: Step) -> dict[str, Any]:
+        with session_scope(self.factory) as session:
+            from services.iterations import repository
+
+            row = repository.get_step(session, iteration_id=self.iteration.id, step=step.value)
+            if row is None or row.result is None:
+                raise RuntimeError(f"step {step.value} has no result yet")
+            return dict(row.result)
+
+
+def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    config = ReturnsConfig(**ctx.configs["returns"])
+    with session_scope(ctx.factory) as session:
+        examples, stats = build_examples(
+            session,
+            config=config,
+            policy_id=ctx.iteration.parent_policy_id,
+            cutoff=ctx.iteration.data_cutoff,
+        )
+    if not examples:
+        raise RuntimeError(
+            f"no training data: {stats.conversations} ended conversations in the window, "
+            f"{stats.decisions} decisions, skipped {stats.skipped}"
+        )
+    fraction = float(ctx.configs["pipeline"]["eval_fraction"])
+    held_out = [e for e in examples if unit_interval("split", e.conversation_id) < fraction]
+    train = [e for e in examples if unit_interval("split", e.conversation_id) >= fraction]
+    if not held_out or not train:  # tiny data: keep both sides non-empty
+        held_out, train = examples[: max(1, len(examples) // 5)], examples[len(examples) // 5 :]
+    seen: set[tuple[str, int]] = set()
+    prompts = []
+    for e in sorted(
+        examples, key=lambda e: unit_interval("prompts", e.conversation_id, str(e.step))
+    ):
+        if (e.conversation_id, e.step) in seen or not e.state or e.state[-1].role != "customer":
+            continue
+        seen.add((e.conversation_id, e.step))
+        prompts.append({"system": e.system, "state": [[t.role, t.text] for t in e.state]})
+        if len(prompts) >= int(ctx.configs["pipeline"]["max_prompts"]):
+            break
+    final = ctx.dir(Step.RETURNS)
+    tmp = _fresh_dir(final, ctx.attempt)
+    write_examples(tmp / "train.jsonl", train)
+    write_examples(tmp / "eval.jsonl", held_out)
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    _publish(tmp, final)
+    result = {
+        "dir": str(final),
+        "train": len(train),
+        "eval": len(held_out),
+        "prompts": len(prompts),
+        **{f"data_{k}": v for k, v in stats.as_dict().items() if not isinstance(v, dict)},
+    }
+    return result, {"data_examples": len(examples), "data_conversations": stats.conversations}
+
+
+def step_fit_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    from workers.learning.config_build import q_fit_config
+    from workers.learning.q_model import fit_q
+
+    data = Path(ctx.result_of(Step.RETURNS)["dir"])
+    config = q_fit_config(ctx.configs["q"])
+    final = ctx.dir(Step.FIT_Q)
+    tmp = _fresh_dir(final, ctx.attempt)
+    fitted = fit_q(
+        read_examples(data / "train.jsonl"),
+        read_examples(data / "eval.jsonl"),
+        config,
+        tmp,
+        progress=lambda _what, fraction: ctx.progress(fraction),
+    )
+    _publish(tmp, final)
+    metrics: dict[str, Any] = {"q_n_train": fitted.n_train, "q_seconds": round(fitted.seconds, 2)}
+    for group, values in fitted.metrics.items():
+        suffix = "" if group == "all" else f"_{group}"
+        for name, value in values.items():
+            metrics[f"q_{name}{suffix}"] = value
+    return {"dir": str(final), **metrics}, metrics
+
+
+def step_evaluate_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    fitted = ctx.result_of(Step.FIT_Q)
+    floor = ctx.configs["pipeline"].get("q_floor")
+    floor = float(floor if floor is not None else ctx.settings.q_auc_floor)
+    auc = fitted.get("q_auc")  # held-out ROC AUC of Q against the final outcome
+    passed = auc is not None and auc >= floor
+    result = {"q_auc": auc, "floor": floor, "passed": passed}
+    if not passed and not ctx.iteration.override_gate:
+        raise GateFailed(
+            f"held-out Q ROC AUC {auc} is below the floor {floor}; an operator may retry with "
+            "override_gate"
+        )
+    return result, {"q_gate_passed": passed}
+
+
+def step_improve(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    from workers.learning.config_build import improvement_config
+    from workers.learning.improve import improve_policy
+    from workers.learning.q_model import QModel
+
+    with session_scope(ctx.factory) as session:
+        parent = policies.get_policy(session, policy_id=ctx.iteration.parent_policy_id)
+        base_model, parent_adapter = Path(parent.base_model), Path(parent.adapter_uri)
+    data = Path(ctx.result_of(Step.RETURNS)["dir"])
+    q = QModel.load(Path(ctx.result_of(Step.FIT_Q)["dir"]))
+    prompts = []
+    for line in (data / "prompts.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        prompts.append(prompt_messages(row["system"], tuple(Turn(r, t) for r, t in row["state"])))
+
+    def reward(batch: Any, completions: Any) -> list[float]:
+        items = [(*state_of(list(p)), c) for p, c in zip(batch, completions, strict=True)]
+        return [float(x) for x in q.score(items)]
+
+    improve = dict(ctx.configs["improve"])
+    algorithm = improve.pop("algorithm")
+    final = ctx.dir(Step.IMPROVE)
+    tmp = _fresh_dir(final, ctx.attempt)
+    result = improve_policy(
+        algorithm=algorithm,
+        base_model=base_model,
+        parent_adapter=parent_adapter,
+        prompts=prompts,
+        reward_fn=reward,
+        config=improvement_config(algorithm, improve),
+        output_dir=tmp / "adapter",
+        progress=lambda _what, fraction: ctx.progress(fraction),
+    )
+    adapter = final / Path(result.adapter_dir).relative_to(tmp)
+    _publish(tmp, final)
+    metrics = {f"improve_{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    return {"adapter_dir": str(adapter), **metrics}, metrics
+
+
+def candidate_policy_id(iteration_id: str) -> str:
+    return f"it-{iteration_id[:24]}"
+
+
+def step_register(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    adapter = ctx.result_of(Step.IMPROVE)["adapter_dir"]
+    policy_id = candidate_policy_id(ctx.iteration.id)
+    with session_scope(ctx.factory) as session:
+        parent = policies.get_policy(session, policy_id=ctx.iteration.parent_policy_id)
+        policies.register_policy(
+            session,
+            policy_id=policy_id,
+            base_model=parent.base_model,
+            adapter_uri=adapter,
+            parent_id=parent.id,
+            iteration_id=ctx.iteration.id,
+            status=PolicyStatus.CANDIDATE,
+            config={**ctx.configs, "metrics": ctx.iteration.metrics},
+            description=f"{ctx.iteration.algorithm} on {parent.id}",
+        )
+        service.set_candidate(session, iteration_id=ctx.iteration.id, policy_id=policy_id)
+    return {"policy_id": policy_id}, {}
+
+
+def step_deploy(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Approved: pi_{i+1} against pi_i in a fresh A/B experiment for the same scope."""
+    candidate = ctx.iteration.candidate_policy_id
+    assert candidate is not None
+    weight = float(ctx.configs["pipeline"]["ab_weight"])
+    with session_scope(ctx.factory) as session:
+        policies.transition(session, policy_id=candidate, to=PolicyStatus.APPROVED)
+        scope = ctx.iteration.business_id or GLOBAL_SCOPE
+        running = experiments_repository.running_for_scope(session, scope=scope)
+        if running is not None and running.name == f"iteration {ctx.iteration.id}":
+            experiment = running  # a redelivered deploy that already created it
+        else:
+            if running is not None:
+                stop_experiment(session, experiment_id=running.id)
+            experiment = create_experiment(
+                session,
+                name=f"iteration {ctx.iteration.id}",
+                business_id=ctx.iteration.business_id,
+                arms=[
+                    ArmSpec("control", ctx.iteration.parent_policy_id, 1.0 - weight),
+                    ArmSpec("treatment", candidate, weight),
+                ],
+            )
+        locked = service.get_iteration(session, iteration_id=ctx.iteration.id)
+        locked.experiment_id = experiment.id
+        experiment_id = experiment.id
+    return {"experiment_id": experiment_id}, {}
+
+
+STEPS: dict[Step, Callable[[Context], tuple[dict[str, Any], dict[str, Any]]]] = {
+    Step.RETURNS: step_returns,
+    Step.FIT_Q: step_fit_q,
+    Step.EVALUATE_Q: step_evaluate_q,
+    Step.IMPROVE: step_improve,
+    Step.REGISTER: step_register,
+    Step.DEPLOY: step_deploy,
+}
+
+
+def run_step(
+    factory: sessionmaker[Session], settings: Settings, iteration_id: str, step: Step
+) -> Step | None:
+    """Run one step if it is due; return the next step to enqueue (None: nothing to send)."""
+    with session_scope(factory) as session:
+        start = service.begin_step(
+            session,
+            iteration_id=iteration_id,
+            step=step,
+            worker=worker_name(),
+            lease_s=settings.step_lease_s,
+        )
+        iteration = service.get_iteration(session, iteration_id=iteration_id)
+    if start.action == "skip":
+        log.info("iteration %s step %s skipped: %s", iteration_id, step.value, start.reason)
+        return None
+    if start.action == "wait":
+        raise StepBusy(f"{step.value} of {iteration_id}: {start.reason}")
+
+    def progress(fraction: float) -> None:
+        with session_scope(factory) as session:
+            service.set_progress(session, iteration_id=iteration_id, step=step, fraction=fraction)
+
+    log.info("iteration %s: %s (attempt %d)", iteration_id, step.value, start.attempt)
+    try:
+        result, metrics = STEPS[step](
+            Context(factory, settings, iteration, start.attempt, progress)
+        )
+    except Exception as exc:
+        log.exception("iteration %s step %s failed", iteration_id, step.value)
+        with session_scope(factory) as session:
+            service.fail_step(
+                session, iteration_id=iteration_id, step=step, error=f"{type(exc).__name__}: {exc}"
+            )
+        return None
+    with session_scope(factory) as session:
+        return service.finish_step(
+            session, iteration_id=iteration_id, step=step, result=result, metrics=metrics
+        )
+
+
+def run_inline(
+    factory: sessionmaker[Session], settings: Settings, iteration_id: str, step: Step | None
+) -> None:
+    """The embedded default: run steps in this process until the iteration blocks or ends."""
+    while step is not None:
+        step = run_step(factory, settings, iteration_id, step)
