@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from services import models as _all_tables  # noqa: F401  (every table known to the ORM)
 from services.db import make_engine, make_session_factory, session_scope
 from services.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from services.iterations.models import Iteration
 
 app = typer.Typer(
     help="outcomeloop: suggested responses that drive conversation outcomes.", no_args_is_help=True
@@ -22,11 +27,15 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 models_app = typer.Typer(help="The base model.", no_args_is_help=True)
 policies_app = typer.Typer(help="The policy registry.", no_args_is_help=True)
 experiments_app = typer.Typer(help="A/B experiments.", no_args_is_help=True)
+iterate_app = typer.Typer(help="Policy iterations (returns -> Q -> improve).", no_args_is_help=True)
+q_app = typer.Typer(help="The Q function: fit on the log, score candidates.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.add_typer(policies_app, name="policies")
 app.add_typer(experiments_app, name="experiments")
+app.add_typer(iterate_app, name="iterate")
+app.add_typer(q_app, name="q")
 
 err = Console(stderr=True)
 out = Console()
@@ -109,42 +118,20 @@ def models_prepare() -> None:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from services.errors import DomainError
-    from services.policies.bootstrap import ensure_pi0
+    from services.policies.bootstrap import PrepareError, prepare
 
     settings = _settings()
-    base = settings.base_model_path
-    adapter_dir = settings.adapters_dir / "pi0"
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=err) as progress:
-        task = progress.add_task("base model", total=3)
-        if settings.base_model is None:
-            from workers.learning.model_prep import ModelPrepError, prepare_from_gguf
-
-            def step(text: str) -> None:
-                progress.update(task, description=f"base model: {text}")
-
-            try:
-                prepare_from_gguf(base, on_step=step)
-            except ModelPrepError as exc:
-                raise _fail(str(exc)) from None
-        elif not (base / "config.json").is_file():
-            raise _fail(f"OUTCOMELOOP_BASE_MODEL={base} is not a Hugging Face checkpoint")
-        progress.update(task, advance=1, description="pi0 adapter (zero-initialised LoRA)")
-        from workers.learning.adapters import LoraSpec, create_zero_adapter
-
-        spec = LoraSpec()
-        if not (adapter_dir / "adapter_config.json").is_file():
-            create_zero_adapter(base, adapter_dir, spec)
-        progress.update(task, advance=1, description="registry")
-        factory = _prepared_store(settings)
+        task = progress.add_task("base model", total=None)
         try:
-            with session_scope(factory) as session:
-                _, experiment_id = ensure_pi0(
-                    session, base_model=base, adapter_dir=adapter_dir, lora=spec.as_dict()
-                )
-        except DomainError as exc:
-            raise _fail(exc.message) from None
-        progress.update(task, advance=1, description="done")
+            base, adapter_dir, experiment_id = prepare(
+                settings,
+                _prepared_store(settings),
+                on_step=lambda text: progress.update(task, description=text),
+            )
+        except (PrepareError, DomainError) as exc:
+            raise _fail(str(exc)) from None
     out.print(f"base model: {base}")
     out.print(f"pi0 adapter: {adapter_dir}")
     if experiment_id:
@@ -294,6 +281,325 @@ def experiments_stop(experiment_id: str) -> None:
     out.print(f"experiment {experiment_id} stopped")
 
 
+def _iteration_table(iterations: Sequence[Iteration]) -> Table:
+    table = Table("id", "status", "algorithm", "step", "progress", "parent", "candidate")
+    for it in iterations:
+        table.add_row(
+            it.id,
+            it.status,
+            it.algorithm,
+            it.current_step or "",
+            f"{it.progress:.0%}",
+            it.parent_policy_id,
+            it.candidate_policy_id or "",
+        )
+    return table
+
+
+def _follow(factory, settings: Settings, iteration_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Show an iteration's progress until it stops moving (awaiting approval or finished)."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.iterations.service import get_iteration
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("queued", total=1.0)
+        while True:
+            with session_scope(factory) as session:
+                it = get_iteration(session, iteration_id=iteration_id)
+                status, step, fraction = it.status, it.current_step, it.progress
+            progress.update(task, completed=fraction, description=f"{status}: {step or ''}")
+            if status not in ("queued", "running"):
+                break
+            time.sleep(1.0)
+    _show_iteration(factory, iteration_id)
+
+
+def _show_iteration(factory, iteration_id: str) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from services.iterations.schemas import IterationOut
+    from services.iterations.service import get_iteration
+
+    with session_scope(factory) as session:
+        out_ = IterationOut.model_validate(get_iteration(session, iteration_id=iteration_id))
+    out.print(
+        f"iteration {out_.id}: [bold]{out_.status}[/]"
+        + (f" (candidate {out_.candidate_policy_id})" if out_.candidate_policy_id else "")
+    )
+    if out_.error:
+        out.print(f"[red]{out_.error}[/]")
+    if out_.metrics:
+        out.print(json.dumps(out_.metrics, indent=2, sort_keys=True))
+    for event in out_.events[-8:]:
+        out.print(f"  {event.created_at:%H:%M:%S} {event.kind}: {event.message}")
+
+
+@iterate_app.command("create")
+def iterate_create(
+    algorithm: Annotated[str, typer.Option(help="ppo | rloo | grpo")] = "ppo",
+    beta: Annotated[float | None, typer.Option(help="KL coefficient to pi_i.")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Discount per decision.")] = None,
+    n_epochs: Annotated[int | None, typer.Option(help="Improvement epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts per update.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
+    q_kind: Annotated[str | None, typer.Option(help="Q fit: head | finetune.")] = None,
+    business: Annotated[str | None, typer.Option(help="Only this business's data.")] = None,
+    parent: Annotated[str | None, typer.Option(help="pi_i (default: serving policy).")] = None,
+    max_prompts: Annotated[int | None, typer.Option(help="Prompts for improvement.")] = None,
+    override_gate: Annotated[bool, typer.Option(help="Improve even if Q is weak.")] = False,
+    wait: Annotated[bool, typer.Option(help="Follow progress until it stops.")] = True,
+) -> None:
+    """Start a policy iteration; it stops at awaiting_approval for an operator."""
+    from services.errors import DomainError
+    from services.iterations.dispatch import enqueue
+    from services.iterations.models import Step
+    from services.iterations.service import create_iteration
+
+    hyper: dict[str, object] = {
+        k: v
+        for k, v in {
+            "beta": beta,
+            "gamma": gamma,
+            "n_epochs": n_epochs,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+        }.items()
+        if v is not None
+    }
+    if q_kind:
+        hyper["q"] = {"kind": q_kind}
+    data: dict[str, object] = {"override_gate": override_gate}
+    if business:
+        data["business_id"] = business
+    if max_prompts:
+        data["max_prompts"] = max_prompts
+    settings = _settings()
+    factory = _prepared_store(settings)
+    try:
+        with session_scope(factory) as session:
+            iteration_id = create_iteration(
+                session,
+                algorithm=algorithm,
+                hyperparameters=hyper,
+                data=data,
+                parent_policy_id=parent,
+            ).id
+    except DomainError as exc:
+        raise _fail(exc.message) from None
+    out.print(f"iteration {iteration_id} created")
+    if settings.runner == "inline":
+        import threading
+
+        from workers.pipeline import run_inline
+
+        runner = threading.Thread(
+            target=run_inline, args=(factory, settings, iteration_id, Step.RETURNS), daemon=True
+        )
+        runner.start()
+        _follow(factory, settings, iteration_id)
+        runner.join()
+        return
+    enqueue(settings, factory, iteration_id, Step.RETURNS)
+    if wait:
+        _follow(factory, settings, iteration_id)
+
+
+@iterate_app.command("list")
+def iterate_list() -> None:
+    """List iterations, newest first."""
+    from services.iterations import repository
+
+    factory = _prepared_store(_settings())
+    with session_scope(factory) as session:
+        out.print(_iteration_table(repository.list_iterations(session)))
+
+
+@iterate_app.command("show")
+def iterate_show(iteration_id: str) -> None:
+    """An iteration's status, metrics and latest events."""
+    from services.errors import DomainError
+
+    factory = _prepared_store(_settings())
+    try:
+        _show_iteration(factory, iteration_id)
+    except DomainError as exc:
+        raise _fail(exc.message) from None
+
+
+def _iteration_action(iteration_id: str, action: str, wait: bool = True, **kw: bool) -> None:
+    from services.errors import DomainError
+    from services.iterations import service
+    from services.iterations.dispatch import enqueue
+    from services.iterations.models import Step
+
+    settings = _settings()
+    factory = _prepared_store(settings)
+    next_step: Step | None = None
+    try:
+        with session_scope(factory) as session:
+            if action == "approve":
+                service.approve(session, iteration_id=iteration_id)
+                next_step = Step.DEPLOY
+            elif action == "retry":
+                next_step = service.retry(session, iteration_id=iteration_id, **kw)
+            else:
+                getattr(service, action)(session, iteration_id=iteration_id)
+    except DomainError as exc:
+        raise _fail(exc.message) from None
+    if next_step is not None:
+        if settings.runner == "inline":
+            from workers.pipeline import run_inline
+
+            run_inline(factory, settings, iteration_id, next_step)
+        else:
+            enqueue(settings, factory, iteration_id, next_step)
+            if wait:
+                _follow(factory, settings, iteration_id)
+                return
+    _show_iteration(factory, iteration_id)
+
+
+@iterate_app.command("approve")
+def iterate_approve(iteration_id: str) -> None:
+    """Approve the candidate: start the A/B experiment pi_i vs pi_{i+1}."""
+    _iteration_action(iteration_id, "approve")
+
+
+@iterate_app.command("reject")
+def iterate_reject(iteration_id: str) -> None:
+    """Reject the candidate policy."""
+    _iteration_action(iteration_id, "reject")
+
+
+@iterate_app.command("cancel")
+def iterate_cancel(iteration_id: str) -> None:
+    """Cancel an iteration that has not finished."""
+    _iteration_action(iteration_id, "cancel")
+
+
+@iterate_app.command("retry")
+def iterate_retry(
+    iteration_id: str,
+    override_gate: Annotated[bool, typer.Option(help="Improve even if Q is weak.")] = False,
+) -> None:
+    """Resume a failed iteration from its failed step."""
+    _iteration_action(iteration_id, "retry", override_gate=override_gate)
+
+
+@q_app.command("fit")
+def q_fit(
+    output: Annotated[Path, typer.Option(help="Directory for the fitted Q model.")],
+    kind: Annotated[str, typer.Option(help="head (fast) | finetune (LoRA + regression head)")] = (
+        "head"
+    ),
+    gamma: Annotated[float, typer.Option(help="Discount per business decision.")] = 1.0,
+    business: Annotated[str | None, typer.Option(help="Only this business.")] = None,
+    base_model: Annotated[Path | None, typer.Option(help="Default: the configured base.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Training epochs.")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Subsample the data.")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="Held-out share, by conversation.")] = 0.2,
+) -> None:
+    """Fit Q(s, a) on Monte Carlo returns of the ended conversations in the store."""
+    import json
+
+    from services.db import utcnow
+    from services.experiments.assignment import unit_interval
+    from services.iterations.dataset import build_examples
+    from workers.learning.config_build import q_fit_config
+    from workers.learning.q_model import fit_q
+    from workers.learning.returns import ReturnsConfig
+
+    settings = _settings()
+    try:
+        returns = ReturnsConfig(gamma=gamma, arms="all", business_id=business)
+        fields: dict[str, object] = {
+            "kind": kind,
+            "base_model": str(base_model or settings.base_model_path),
+        }
+        if epochs is not None:
+            fields["epochs"] = epochs
+        if max_examples is not None:
+            fields["max_examples"] = max_examples
+        config = q_fit_config(fields)
+    except (TypeError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if not (Path(config.base_model) / "config.json").is_file():
+        raise _fail(f"no base model at {config.base_model}; run `outcomeloop models prepare`")
+    factory = _prepared_store(settings)
+    with session_scope(factory) as session:
+        examples, stats = build_examples(session, config=returns, policy_id=None, cutoff=utcnow())
+    if not examples:
+        raise _fail("no ended conversations with business messages in the store")
+    held = [e for e in examples if unit_interval("split", e.conversation_id) < eval_fraction]
+    train = [e for e in examples if unit_interval("split", e.conversation_id) >= eval_fraction]
+    err.print(
+        f"{len(train)} training and {len(held)} held-out decisions from "
+        f"{stats.conversations} conversations"
+    )
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err
+    ) as progress:
+        task = progress.add_task("fitting Q", total=1.0)
+        result = fit_q(
+            train,
+            held or None,
+            config,
+            output,
+            progress=lambda what, f: progress.update(task, completed=f, description=what),
+        )
+    out.print(json.dumps(result.metrics, indent=2, sort_keys=True))
+
+
+@q_app.command("score")
+def q_score(
+    model: Annotated[Path, typer.Option(help="A directory written by `q fit`.")],
+    input: Annotated[Path, typer.Option("--input", help="JSONL: {id, messages, response}.")],
+    output: Annotated[Path, typer.Option(help="JSONL: {id, q}, same order.")],
+    system: Annotated[str | None, typer.Option(help="System prompt of the business.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 16,
+) -> None:
+    """Score candidate business replies: Q(state, response) per line."""
+    import json
+
+    from services.policies.prompt import Turn
+    from workers.learning.q_model import QModel
+
+    if not input.is_file():
+        raise _fail(f"{input}: no such file")
+    if not (model / "q_model.json").is_file():
+        raise _fail(f"{model} is not a Q model directory (no q_model.json)")
+    rows: list[tuple[str, tuple[Turn, ...], str]] = []
+    for number, line in enumerate(input.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            turns = tuple(Turn(m["role"], m["text"]) for m in item["messages"])
+            if any(t.role not in ("customer", "business") for t in turns):
+                raise ValueError("role must be customer or business")
+            if not isinstance(item["response"], str) or not isinstance(item["id"], str):
+                raise ValueError("id and response must be strings")
+            rows.append((item["id"], turns, item["response"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _fail(f"{input}:{number}: {type(exc).__name__}: {exc}") from None
+    q = QModel.load(model)
+    scores = q.score(
+        [(system, turns, response) for _, turns, response in rows], batch_size=batch_size
+    )
+    tmp = output.with_suffix(output.suffix + ".part")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for (row_id, _, _), score in zip(rows, scores, strict=True):
+            handle.write(json.dumps({"id": row_id, "q": float(score)}) + "\n")
+    tmp.replace(output)
+    err.print(f"scored {len(rows)} line(s) -> {output}")
+
+
 @app.command("import")
 def import_file(
     path: Annotated[Path, typer.Argument(help="A .jsonl file, one conversation per line.")],
@@ -381,24 +687,60 @@ def serve(
 
 
 @app.command("demo")
-def demo() -> None:
-    """Run the embedded default end to end (SQLite, in-process) and show what was logged."""
-    from rich.table import Table
+def demo(
+    conversations: Annotated[
+        int | None, typer.Option(help="Simulated conversations per phase.")
+    ] = None,
+    iterations: Annotated[int | None, typer.Option(help="Policy iterations to run.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulator and the learning.")] = 0,
+    scenario: Annotated[str, typer.Option(help="renovation | saas")] = "renovation",
+    quick: Annotated[bool, typer.Option(help="Tiny sizes: every stage runs, in minutes.")] = False,
+    report: Annotated[Path | None, typer.Option(help="HTML report path.")] = None,
+) -> None:
+    """The whole loop on the embedded default: simulated traffic through pi_0, policy
+    iterations (returns -> Q -> PPO -> approval), A/B tests, and a report."""
+    import dataclasses
 
-    from services.demo import scripted_exchange
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from services.demo import DemoConfig, run_demo
+    from services.demo_report import print_report, render_html
+    from services.simulator.scenarios import SCENARIOS
+
+    if scenario not in SCENARIOS:
+        raise _fail(f"unknown scenario {scenario!r}; choose from {sorted(SCENARIOS)}")
+    config = (
+        DemoConfig.quick_config(seed, scenario)
+        if quick
+        else DemoConfig(seed=seed, scenario=scenario)
+    )
+    overrides: dict[str, Any] = {}
+    if conversations is not None:
+        if conversations < 1:
+            raise _fail("--conversations must be at least 1")
+        overrides["conversations"] = conversations
+    if iterations is not None:
+        if iterations < 0:
+            raise _fail("--iterations must be 0 or more")
+        overrides["iterations"] = iterations
+    config = dataclasses.replace(config, **overrides)
     settings = _settings()
-    err.print(f"store: {_safe_url(settings.sqlalchemy_url)}")
-    conversation = scripted_exchange(settings)
-    table = Table(title=f"conversation {conversation['id']} ({conversation['end_reason']})")
-    table.add_column("seq", justify="right")
-    table.add_column("role")
-    table.add_column("text")
-    outcome_seqs = {o["seq"] for o in conversation["outcomes"]}
-    for message in conversation["messages"]:
-        mark = "  [green]<- outcome[/]" if message["seq"] in outcome_seqs else ""
-        table.add_row(str(message["seq"]), message["role"], message["text"] + mark)
-    out.print(table)
+    workdir = settings.data_dir / "demo" / f"{scenario}-seed{seed}"
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("starting", total=1.0)
+
+        def status(text: str) -> None:
+            progress.console.print(f"[dim]{text}[/]")
+
+        def advance(what: str, fraction: float) -> None:
+            progress.update(task, description=what, completed=fraction)
+
+        result = run_demo(settings, config, workdir=workdir, status=status, progress=advance)
+    print_report(result, out)
+    target = report or workdir / "report.html"
+    target.write_text(render_html(result), encoding="utf-8")
+    out.print(f"HTML report: {target}")
 
 
 def _safe_url(url: str) -> str:

@@ -1,17 +1,27 @@
-"""`outcomeloop demo`: the embedded default end to end.
+"""`outcomeloop demo`: the whole product on the embedded default, end to end.
 
-Today it serves the API on the embedded SQLite store, plays a short scripted business-customer
-exchange against it over HTTP, and prints what was logged. The simulator and policy iterations
-join it as they land.
+Simulated customers and business reps (services/simulator) talk through the real HTTP API,
+served in this process on SQLite with the default model on CPU:
+
+1. prepare the model and pi_0 (if needed);
+2. simulated traffic through pi_0;
+3. for each iteration: returns -> Q -> PPO -> candidate, approved automatically (said so),
+   then an A/B experiment pi_i vs pi_{i+1} on more simulated traffic;
+4. a report per arm (conversations, outcome rate with a 95% interval, accepted / edited /
+   rejected) and the Q-fit metrics per iteration: a table here and a self-contained HTML file.
 """
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,18 +29,106 @@ import uvicorn
 
 from services.app import create_app
 from services.db import make_engine, make_session_factory, session_scope
+from services.experiments import repository as experiments_repository
+from services.experiments.report import ArmResult, experiment_results
+from services.experiments.service import ArmSpec, create_experiment, stop_experiment
+from services.iterations import service as iterations
+from services.iterations.models import Step
 from services.migrate import upgrade
+from services.policies.bootstrap import PI0_ID, prepare
 from services.settings import Settings
+from services.simulator.runner import ConversationRecord, run_conversations, simulate_offline
+from services.simulator.scenarios import SCENARIOS, Scenario
 from services.tenants.models import Role
 from services.tenants.service import create_api_key
 
-SCRIPT: list[tuple[str, str]] = [
-    ("customer", "Hi! Do you renovate bathrooms? Ours is about 6 square meters."),
-    ("business", "We do! What would you like to change: tiles, shower, or everything?"),
-    ("customer", "Everything, ideally before the summer."),
-    ("business", "That works. Can we visit on Thursday to measure and give you a quote?"),
-    ("customer", "Thursday is fine, book it."),
-]
+BUSINESS = "demo-business"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo; the defaults finish within about 20 minutes on 2 CPU cores."""
+
+    conversations: int = 48  # per traffic phase (pi_0 alone, then each A/B test)
+    iterations: int = 1
+    seed: int = 0
+    scenario: str = "renovation"
+    concurrency: int = 8  # simulated conversations in flight (the model batches them)
+    max_new_tokens: int = 40
+    temperature: float = 0.8
+    q_kind: str = "head"
+    ppo: dict[str, Any] = field(
+        default_factory=lambda: {
+            "num_updates": 6,
+            "batch_size": 8,
+            "minibatch_size": 4,
+            "n_ppo_epochs": 2,
+            "max_new_tokens": 40,
+            "learning_rate": 1e-4,
+            "beta": 0.05,
+        }
+    )
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, seed: int = 0, scenario: str = "renovation") -> DemoConfig:
+        """Tiny sizes: every stage runs, nothing is measured (for CI and a first look)."""
+        return cls(
+            conversations=6,
+            iterations=1,
+            seed=seed,
+            scenario=scenario,
+            concurrency=6,
+            max_new_tokens=16,
+            ppo={
+                "num_updates": 1,
+                "batch_size": 2,
+                "minibatch_size": 2,
+                "n_ppo_epochs": 1,
+                "max_new_tokens": 12,
+            },
+            quick=True,
+        )
+
+
+@dataclass
+class Phase:
+    """One traffic phase: an experiment and what its arms achieved."""
+
+    name: str
+    experiment_id: str
+    arms: list[ArmResult]
+    seconds: float
+
+
+@dataclass
+class IterationSummary:
+    iteration_id: str
+    parent: str
+    candidate: str | None
+    status: str
+    metrics: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class DemoResult:
+    config: DemoConfig
+    scenario: Scenario
+    phases: list[Phase]
+    iterations: list[IterationSummary]
+    reference_rates: dict[str, float]
+    seconds: float
+    store: str
+    notes: list[str]
+
+
+def business_prompt(scenario: Scenario) -> str:
+    return (
+        f"You write the next chat message of a business. {scenario.description} "
+        "Ask about the customer's needs, answer their questions directly, stay polite and "
+        "brief (one or two sentences), and propose a concrete next step when they are ready."
+    )
 
 
 @contextmanager
@@ -44,44 +142,232 @@ def serve_in_thread(settings: Settings) -> Iterator[str]:
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the API did not start")
-        time.sleep(0.05)
+        time.sleep(0.1)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=30)
 
 
-def scripted_exchange(settings: Settings, business_id: str = "demo-renovations") -> dict[str, Any]:
-    """Play SCRIPT through the HTTP API and return the stored conversation."""
-    upgrade(settings.sqlalchemy_url)
-    engine = make_engine(settings.sqlalchemy_url)
-    with session_scope(make_session_factory(engine)) as session:
-        key = create_api_key(session, role=Role.BUSINESS, business_id=business_id, label="demo")
-    engine.dispose()
-    with (
-        serve_in_thread(settings) as base_url,
-        httpx.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
-        ) as http,
-    ):
-        conversation = http.post("/v1/conversations", json={"metadata": {"demo": True}})
-        conversation.raise_for_status()
-        cid = conversation.json()["id"]
-        for number, (role, text) in enumerate(SCRIPT):
-            http.post(
-                f"/v1/conversations/{cid}/messages",
-                json={"role": role, "text": text, "client_message_id": f"demo-{number}"},
-            ).raise_for_status()
-        http.post(
-            f"/v1/conversations/{cid}/outcome", json={"label": "visit_booked"}
-        ).raise_for_status()
-        http.post(f"/v1/conversations/{cid}/close", json={"reason": "outcome"}).raise_for_status()
-        stored = http.get(f"/v1/conversations/{cid}")
-        stored.raise_for_status()
-        result: dict[str, Any] = stored.json()
-        return result
+def _traffic(
+    base_url: str,
+    key: str,
+    scenario: Scenario,
+    config: DemoConfig,
+    seed: int,
+    on_done: Callable[[], None],
+) -> list[ConversationRecord]:
+    """`config.conversations` simulated conversations, `config.concurrency` at a time."""
+    lanes = max(1, min(config.concurrency, config.conversations))
+    sizes = [
+        config.conversations // lanes + (i < config.conversations % lanes) for i in range(lanes)
+    ]
+    limits = httpx.Limits(max_connections=lanes * 2)
+    with httpx.Client(base_url=base_url, timeout=600, limits=limits) as http:
+
+        def lane(i: int) -> list[ConversationRecord]:
+            report = run_conversations(
+                http, key, scenario, sizes[i], seed * 1000 + i, progress=lambda _d, _n: on_done()
+            )
+            return list(report.records)
+
+        with ThreadPoolExecutor(lanes) as pool:
+            return [r for records in pool.map(lane, range(lanes)) for r in records]
+
+
+def run_demo(
+    settings: Settings,
+    config: DemoConfig,
+    *,
+    workdir: Path,
+    status: Callable[[str], None],
+    progress: Callable[[str, float], None],
+) -> DemoResult:
+    """Run the demo in `workdir` (a fresh SQLite store and artifacts) with `settings`' model."""
+    started = time.monotonic()
+    scenario = SCENARIOS[config.scenario]
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    demo_settings = settings.model_copy(
+        update={
+            "data_dir": workdir,
+            "database_url": f"sqlite:///{workdir / 'demo.sqlite3'}",
+            "base_model": settings.base_model_path,
+            "generation_backend": "embedded",
+            "task_runner": "inline",
+            "max_new_tokens": config.max_new_tokens,
+            "temperature": config.temperature,
+            "on_backend_error": "abstain",
+            "generation_timeout_s": 120.0,
+            "embedded_max_batch": config.concurrency,
+            "embedded_batch_window_ms": 30.0,
+            "q_auc_floor": 0.5,
+        }
+    )
+    upgrade(demo_settings.sqlalchemy_url)
+    factory = make_session_factory(make_engine(demo_settings.sqlalchemy_url))
+    status("preparing the default model and pi_0")
+    # The model and pi_0's adapter are shared with the main data dir: converted once.
+    shared = settings.model_copy(update={"base_model": settings.base_model})
+    prepare(shared, factory, on_step=status)
+    with session_scope(factory) as session:
+        from services.tenants.service import ensure_business
+
+        business, _ = ensure_business(session, business_id=BUSINESS, name="Demo business")
+        business.system_prompt = business_prompt(scenario)
+        key = create_api_key(session, role=Role.BUSINESS, business_id=BUSINESS, label="demo")
+        default = experiments_repository.running_for_scope(session, scope="*")
+        if default is not None:
+            stop_experiment(session, experiment_id=default.id)
+        first = create_experiment(
+            session, name="pi0 alone", business_id=BUSINESS, arms=[ArmSpec("pi0", PI0_ID, 1.0)]
+        )
+        experiment_id = first.id
+    reference = {
+        "rep alone (no suggestions)": simulate_offline(
+            scenario, 400, config.seed, lambda _history: None
+        ).outcome_rate
+    }
+    phases: list[Phase] = []
+    summaries: list[IterationSummary] = []
+    notes: list[str] = []
+    parent = PI0_ID
+    with serve_in_thread(demo_settings) as base_url:
+        phases.append(
+            _phase(
+                base_url, key, scenario, config, factory, experiment_id, "pi0", 0, status, progress
+            )
+        )
+        for number in range(1, config.iterations + 1):
+            summary = _iterate(demo_settings, factory, config, parent, number, status, progress)
+            summaries.append(summary)
+            if summary.candidate is None or summary.status != "succeeded":
+                notes.append(f"iteration {number} stopped: {summary.status}")
+                break
+            notes.append(
+                f"iteration {number}: candidate {summary.candidate} was approved automatically "
+                "(the demo plays the operator; in production a person approves)"
+            )
+            with session_scope(factory) as session:
+                it = iterations.get_iteration(session, iteration_id=summary.iteration_id)
+                experiment_id = it.experiment_id or ""
+            phases.append(
+                _phase(
+                    base_url,
+                    key,
+                    scenario,
+                    config,
+                    factory,
+                    experiment_id,
+                    f"A/B {parent} vs {summary.candidate}",
+                    number,
+                    status,
+                    progress,
+                )
+            )
+            parent = summary.candidate
+    return DemoResult(
+        config=config,
+        scenario=scenario,
+        phases=phases,
+        iterations=summaries,
+        reference_rates=reference,
+        seconds=time.monotonic() - started,
+        store=demo_settings.sqlalchemy_url,
+        notes=notes,
+    )
+
+
+def _phase(
+    base_url: str,
+    key: str,
+    scenario: Scenario,
+    config: DemoConfig,
+    factory: Any,
+    experiment_id: str,
+    name: str,
+    index: int,
+    status: Callable[[str], None],
+    progress: Callable[[str, float], None],
+) -> Phase:
+    status(f"simulated traffic: {name}")
+    started = time.monotonic()
+    done = [0]
+    lock = threading.Lock()
+
+    def tick() -> None:
+        with lock:
+            done[0] += 1
+            progress(f"traffic: {name}", done[0] / config.conversations)
+
+    _traffic(base_url, key, scenario, config, config.seed + 7919 * index, tick)
+    with session_scope(factory) as session:
+        arms = experiment_results(session, experiment_id=experiment_id)
+    return Phase(name, experiment_id, arms, time.monotonic() - started)
+
+
+def _iterate(
+    settings: Settings,
+    factory: Any,
+    config: DemoConfig,
+    parent: str,
+    number: int,
+    status: Callable[[str], None],
+    progress: Callable[[str, float], None],
+) -> IterationSummary:
+    from workers.pipeline import run_inline
+
+    status(f"iteration {number}: returns -> Q -> PPO on {parent}")
+    started = time.monotonic()
+    with session_scope(factory) as session:
+        iteration_id = iterations.create_iteration(
+            session,
+            algorithm="ppo",
+            hyperparameters={
+                **config.ppo,
+                "q": {"kind": config.q_kind, **({"max_length": 128} if config.quick else {})},
+            },
+            data={
+                "business_id": BUSINESS,
+                "max_prompts": 64,
+                "eval_fraction": 0.25,
+                "arms": "policy",
+            },
+            parent_policy_id=parent,
+            trigger="demo",
+        ).id
+    runner = threading.Thread(
+        target=run_inline, args=(factory, settings, iteration_id, Step.RETURNS), daemon=True
+    )
+    runner.start()
+    while runner.is_alive():
+        with session_scope(factory) as session:
+            it = iterations.get_iteration(session, iteration_id=iteration_id)
+            progress(f"iteration {number}: {it.current_step or it.status}", it.progress)
+        runner.join(timeout=1.0)
+    with session_scope(factory) as session:
+        it = iterations.get_iteration(session, iteration_id=iteration_id)
+        if it.status == "awaiting_approval":
+            iterations.approve(session, iteration_id=iteration_id)
+            approved = True
+        else:
+            approved = False
+    if approved:
+        status(f"iteration {number}: approved automatically (demo) -> A/B experiment")
+        run_inline(factory, settings, iteration_id, Step.DEPLOY)
+    with session_scope(factory) as session:
+        it = iterations.get_iteration(session, iteration_id=iteration_id)
+        return IterationSummary(
+            iteration_id=it.id,
+            parent=parent,
+            candidate=it.candidate_policy_id,
+            status=it.status if not it.error else f"{it.status}: {it.error}",
+            metrics=dict(it.metrics),
+            seconds=time.monotonic() - started,
+        )

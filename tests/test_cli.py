@@ -47,9 +47,3 @@ def test_keys_create_refuses_ambiguous_or_bad_input(embedded: Path) -> None:
     assert both.exit_code == neither.exit_code == bad_slug.exit_code == 2
     assert "exactly one" in both.output and "exactly one" in neither.output
     assert "Acme Inc" in bad_slug.output
-
-
-def test_demo_plays_the_scripted_exchange(embedded: Path) -> None:
-    result = CliRunner().invoke(app, ["demo"])
-    assert result.exit_code == 0, result.output
-    assert "Thursday is fine, book it." in result.stdout and "outcome" in result.stdout

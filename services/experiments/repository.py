@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from services.conversations.models import Conversation, Message, Outcome
 from services.experiments.models import Arm, Assignment, Experiment
 
 
@@ -45,3 +46,47 @@ def policies_in_running_experiments(session: Session) -> set[str]:
         select(Arm.policy_id).join(Experiment).where(Experiment.status == "running")
     )
     return set(rows)
+
+
+def arm_outcomes(session: Session, *, experiment_id: str) -> list[dict[str, object]]:
+    """Per arm: conversations assigned, ended, and ended with an outcome."""
+    has_outcome = (
+        select(Outcome.conversation_id).where(Outcome.conversation_id == Conversation.id).exists()
+    )
+    rows = session.execute(
+        select(
+            Arm.name,
+            Arm.policy_id,
+            func.count(Conversation.id),
+            func.sum(case((Conversation.status == "closed", 1), else_=0)),
+            func.sum(case((has_outcome, 1), else_=0)),
+        )
+        .select_from(Arm)
+        .outerjoin(Conversation, Conversation.arm_id == Arm.id)
+        .where(Arm.experiment_id == experiment_id)
+        .group_by(Arm.name, Arm.policy_id, Arm.position)
+        .order_by(Arm.position)
+    )
+    return [
+        {
+            "arm": name,
+            "policy": policy,
+            "conversations": n,
+            "ended": ended or 0,
+            "outcomes": outcomes or 0,
+        }
+        for name, policy, n, ended, outcomes in rows
+    ]
+
+
+def arm_reply_relations(session: Session, *, experiment_id: str) -> list[tuple[str, str, int]]:
+    """Per arm and relation (accepted / edited / rejected / abstained): business replies."""
+    rows = session.execute(
+        select(Arm.name, Message.suggestion_relation, func.count())
+        .select_from(Message)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .join(Arm, Arm.id == Conversation.arm_id)
+        .where(Arm.experiment_id == experiment_id, Message.suggestion_relation.is_not(None))
+        .group_by(Arm.name, Message.suggestion_relation)
+    )
+    return [(str(arm), str(relation), int(count)) for arm, relation, count in rows]

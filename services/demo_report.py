@@ -1,0 +1,276 @@
+"""The demo's report: a terminal table and a self-contained HTML page with SVG plots."""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from services.demo import DemoResult, Phase
+from services.experiments.report import ArmResult
+
+
+def two_proportion_p_value(a: ArmResult, b: ArmResult) -> float | None:
+    """Two-sided p-value of a pooled two-proportion z-test (None when undefined)."""
+    if not a.ended or not b.ended:
+        return None
+    pooled = (a.outcomes + b.outcomes) / (a.ended + b.ended)
+    variance = pooled * (1 - pooled) * (1 / a.ended + 1 / b.ended)
+    if variance <= 0:
+        return None
+    z = (b.outcome_rate - a.outcome_rate) / math.sqrt(variance)
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def verdict(phase: Phase) -> str:
+    """Say plainly whether the new policy did better, worse, or not distinguishably."""
+    if len(phase.arms) != 2:
+        return ""
+    control, treatment = phase.arms
+    p = two_proportion_p_value(control, treatment)
+    diff = treatment.outcome_rate - control.outcome_rate
+    if p is None:
+        return "not enough ended conversations to compare the arms"
+    direction = "higher" if diff > 0 else "lower"
+    if p < 0.05:
+        return (
+            f"{treatment.policy} reached a {direction} outcome rate than {control.policy} "
+            f"({diff:+.1%}, p = {p:.3f})"
+        )
+    return (
+        f"no significant difference: {diff:+.1%} for {treatment.policy} vs "
+        f"{control.policy} (p = {p:.2f}); more traffic would be needed to tell"
+    )
+
+
+def print_report(result: DemoResult, console: Console) -> None:
+    table = Table(title=f"outcomeloop demo: {result.scenario.name} (seed {result.config.seed})")
+    for column in (
+        "phase",
+        "arm",
+        "policy",
+        "conversations",
+        "outcome rate (95% CI)",
+        "accepted",
+        "edited",
+        "rejected",
+        "abstained",
+    ):
+        table.add_column(
+            column, justify="right" if column not in ("phase", "arm", "policy") else "left"
+        )
+    for phase in result.phases:
+        for arm in phase.arms:
+            low, high = arm.interval
+            table.add_row(
+                phase.name,
+                arm.arm,
+                arm.policy,
+                str(arm.ended),
+                f"{arm.outcome_rate:.1%} ({low:.1%}-{high:.1%})",
+                *(
+                    f"{arm.relation_rate(r):.0%}"
+                    for r in ("accepted", "edited", "rejected", "abstained")
+                ),
+            )
+    console.print(table)
+    for name, rate in result.reference_rates.items():
+        console.print(f"reference (simulator, offline): {name}: {rate:.1%}")
+    for summary in result.iterations:
+        m = summary.metrics
+        console.print(
+            f"iteration {summary.iteration_id[:8]} ({summary.parent} -> {summary.candidate}): "
+            f"{summary.status}; Q held-out AUC {_fmt(m.get('q_auc'))} "
+            f"(first half {_fmt(m.get('q_auc_first_half'))}), MSE {_fmt(m.get('q_mse'))}, "
+            f"Brier {_fmt(m.get('q_brier'))}, {m.get('data_examples', 0)} decisions; "
+            f"{summary.seconds:.0f}s"
+        )
+    for phase in result.phases[1:]:
+        console.print(f"[bold]{phase.name}[/]: {verdict(phase)}")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"wall time {result.seconds / 60:.1f} min; store {result.store}")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
+
+
+def _bars_svg(phases: list[Phase], width: int = 640, height: int = 260) -> str:
+    """Outcome rate per arm and phase, with 95% interval whiskers."""
+    bars = [(p.name, a) for p in phases for a in p.arms]
+    if not bars:
+        return ""
+    left, bottom, top = 50, 60, 20
+    plot_h = height - bottom - top
+    slot = (width - left - 10) / len(bars)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'role="img" aria-label="outcome rate per arm">'
+    ]
+    for tick in range(0, 101, 25):
+        y = top + plot_h * (1 - tick / 100)
+        parts.append(
+            f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+        )
+        parts.append(
+            f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick}%</text>'
+        )
+    colours = ["#4c78a8", "#f58518", "#54a24b", "#e45756"]
+    for i, (phase, arm) in enumerate(bars):
+        x = left + i * slot + slot * 0.15
+        w = slot * 0.7
+        h = plot_h * arm.outcome_rate
+        low, high = arm.interval
+        colour = colours[(0 if arm.arm in ("pi0", "control") else 1) % len(colours)]
+        parts.append(
+            f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{w:.1f}" '
+            f'height="{h:.1f}" fill="{colour}"><title>{html.escape(phase)} / '
+            f"{html.escape(arm.policy)}: {arm.outcome_rate:.1%} "
+            f"({low:.1%}-{high:.1%}, n={arm.ended})</title></rect>"
+        )
+        cx = x + w / 2
+        y_low, y_high = top + plot_h * (1 - low), top + plot_h * (1 - high)
+        parts.append(
+            f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y_low:.1f}" y2="{y_high:.1f}" stroke="#222"/>'
+        )
+        for y in (y_low, y_high):
+            parts.append(
+                f'<line x1="{cx - 5:.1f}" x2="{cx + 5:.1f}" y1="{y:.1f}" '
+                f'y2="{y:.1f}" stroke="#222"/>'
+            )
+        label = f"{arm.policy}"
+        parts.append(
+            f'<text x="{cx:.1f}" y="{height - bottom + 16}" font-size="11" '
+            f'text-anchor="middle">{html.escape(label[:14])}</text>'
+        )
+        parts.append(
+            f'<text x="{cx:.1f}" y="{height - bottom + 30}" font-size="10" '
+            f'fill="#666" text-anchor="middle">{html.escape(phase[:18])}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _iterations_svg(result: DemoResult, width: int = 640, height: int = 220) -> str:
+    """Outcome rate of the policy serving after each iteration (0 = pi_0 alone)."""
+    points: list[tuple[int, ArmResult]] = []
+    for index, phase in enumerate(result.phases):
+        points.append((index, phase.arms[-1]))
+    if not points:
+        return ""
+    left, bottom, top = 50, 40, 20
+    plot_h, plot_w = height - bottom - top, width - left - 30
+    step = plot_w / max(1, len(points) - 1)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'role="img" aria-label="outcome rate per iteration">'
+    ]
+    for tick in range(0, 101, 25):
+        y = top + plot_h * (1 - tick / 100)
+        parts.append(
+            f'<line x1="{left}" x2="{width - 30}" y1="{y:.1f}" y2="{y:.1f}" '
+            'stroke="#ddd"/><text x="44" y="{:.1f}" font-size="11" '
+            'text-anchor="end">{}%</text>'.format(y + 4, tick)
+        )
+    coords = []
+    for index, arm in points:
+        x = left + index * step
+        y = top + plot_h * (1 - arm.outcome_rate)
+        low, high = arm.interval
+        coords.append(f"{x:.1f},{y:.1f}")
+        parts.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h * (1 - low):.1f}" '
+            f'y2="{top + plot_h * (1 - high):.1f}" stroke="#888"/>'
+        )
+        parts.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#4c78a8"><title>'
+            f"{html.escape(arm.policy)}: {arm.outcome_rate:.1%}</title></circle>"
+        )
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - bottom + 16}" font-size="11" '
+            f'text-anchor="middle">iteration {index} ({html.escape(arm.policy[:10])})'
+            "</text>"
+        )
+    parts.append(f'<polyline points="{" ".join(coords)}" fill="none" stroke="#4c78a8"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(result: DemoResult) -> str:
+    rows = []
+    for phase in result.phases:
+        for arm in phase.arms:
+            low, high = arm.interval
+            rows.append(
+                "<tr>"
+                + "".join(
+                    f"<td>{html.escape(str(c))}</td>"
+                    for c in (
+                        phase.name,
+                        arm.arm,
+                        arm.policy,
+                        arm.ended,
+                        f"{arm.outcome_rate:.1%} ({low:.1%}-{high:.1%})",
+                        f"{arm.relation_rate('accepted'):.0%}",
+                        f"{arm.relation_rate('edited'):.0%}",
+                        f"{arm.relation_rate('rejected'):.0%}",
+                        f"{arm.relation_rate('abstained'):.0%}",
+                    )
+                )
+                + "</tr>"
+            )
+    iteration_rows = []
+    for s in result.iterations:
+        m = s.metrics
+        iteration_rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(c))}</td>"
+                for c in (
+                    s.iteration_id[:8],
+                    s.parent,
+                    s.candidate or "",
+                    s.status,
+                    m.get("data_examples", ""),
+                    _fmt(m.get("q_auc")),
+                    _fmt(m.get("q_auc_first_half")),
+                    _fmt(m.get("q_mse")),
+                    _fmt(m.get("q_brier")),
+                    f"{s.seconds:.0f}s",
+                )
+            )
+            + "</tr>"
+        )
+    verdicts = "".join(
+        f"<li><b>{html.escape(p.name)}</b>: {html.escape(verdict(p))}</li>"
+        for p in result.phases[1:]
+    )
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
+    reference = "".join(
+        f"<li>{html.escape(k)}: {v:.1%}</li>" for k, v in result.reference_rates.items()
+    )
+    c = result.config
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>outcomeloop demo report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;
+text-align:right}}td:nth-child(-n+3){{text-align:left}}h2{{margin-top:1.5em}}</style></head>
+<body><h1>outcomeloop demo: {html.escape(result.scenario.name)}</h1>
+<p>{html.escape(result.scenario.description)} Seed {c.seed}; {c.conversations} simulated
+conversations per phase; {c.iterations} iteration(s); wall time {result.seconds / 60:.1f} min.</p>
+<h2>Outcome rate per arm</h2>{_bars_svg(result.phases)}
+<table><tr><th>phase</th><th>arm</th><th>policy</th><th>conversations</th>
+<th>outcome rate (95% CI)</th><th>accepted</th><th>edited</th><th>rejected</th>
+<th>abstained</th></tr>{"".join(rows)}</table>
+<h2>Per iteration</h2>{_iterations_svg(result)}
+<table><tr><th>iteration</th><th>parent</th><th>candidate</th><th>status</th><th>decisions</th>
+<th>Q AUC</th><th>Q AUC (first half)</th><th>Q MSE</th><th>Brier</th><th>time</th></tr>
+{"".join(iteration_rows)}</table>
+<h2>Verdict</h2><ul>{verdicts or "<li>no A/B test ran</li>"}</ul>
+<h2>Reference</h2><ul>{reference}</ul><h2>Notes</h2><ul>{notes}</ul>
+</body></html>
+"""
