@@ -52,7 +52,7 @@ def print_report(result: DemoResult, console: Console) -> None:
         "phase",
         "arm",
         "policy",
-        "conversations",
+        "n",
         "outcome rate (95% CI)",
         "accepted",
         "edited",
@@ -99,6 +99,23 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
 
 
+def _svg_frame(
+    width: int, height: int, label: str, left: int, right: int, top: int, plot_h: float
+) -> list[str]:
+    """An SVG opening tag and a 0-100% grid with labels."""
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="{label}">'
+    ]
+    for tick in range(0, 101, 25):
+        y = top + plot_h * (1 - tick / 100)
+        parts.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+            f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick}%</text>'
+        )
+    return parts
+
+
 def _bars_svg(phases: list[Phase], width: int = 640, height: int = 260) -> str:
     """Outcome rate per arm and phase, with 95% interval whiskers."""
     bars = [(p.name, a) for p in phases for a in p.arms]
@@ -107,18 +124,7 @@ def _bars_svg(phases: list[Phase], width: int = 640, height: int = 260) -> str:
     left, bottom, top = 50, 60, 20
     plot_h = height - bottom - top
     slot = (width - left - 10) / len(bars)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'role="img" aria-label="outcome rate per arm">'
-    ]
-    for tick in range(0, 101, 25):
-        y = top + plot_h * (1 - tick / 100)
-        parts.append(
-            f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
-        )
-        parts.append(
-            f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick}%</text>'
-        )
+    parts = _svg_frame(width, height, "outcome rate per arm", left, 10, top, plot_h)
     colours = ["#4c78a8", "#f58518", "#54a24b", "#e45756"]
     for i, (phase, arm) in enumerate(bars):
         x = left + i * slot + slot * 0.15
@@ -165,17 +171,7 @@ def _iterations_svg(result: DemoResult, width: int = 640, height: int = 220) -> 
     left, bottom, top = 50, 40, 20
     plot_h, plot_w = height - bottom - top, width - left - 30
     step = plot_w / max(1, len(points) - 1)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'role="img" aria-label="outcome rate per iteration">'
-    ]
-    for tick in range(0, 101, 25):
-        y = top + plot_h * (1 - tick / 100)
-        parts.append(
-            f'<line x1="{left}" x2="{width - 30}" y1="{y:.1f}" y2="{y:.1f}" '
-            'stroke="#ddd"/><text x="44" y="{:.1f}" font-size="11" '
-            'text-anchor="end">{}%</text>'.format(y + 4, tick)
-        )
+    parts = _svg_frame(width, height, "outcome rate per iteration", left, 30, top, plot_h)
     coords = []
     for index, arm in points:
         x = left + index * step

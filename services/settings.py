@@ -59,8 +59,10 @@ class Settings(BaseSettings):
     )
     vllm_api_key: str | None = Field(default=None, description="Bearer key for vLLM, if any.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Weights dtype of the embedded model."
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Weights dtype of the embedded model. auto: bfloat16 on CUDA, float32 on "
+        "CPU (faster than bfloat16 on CPUs without native bf16, and exact log-probs).",
     )
     max_context_tokens: int = Field(
         default=2048, ge=64, description="Prompt + completion budget; older turns are dropped."

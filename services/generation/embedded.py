@@ -56,7 +56,7 @@ class EmbeddedBackend:
         base_model_path: str | Path,
         *,
         device: str = "auto",
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         max_context_tokens: int = 2048,
         max_batch_size: int = 8,
         batch_window_ms: float = 10.0,
@@ -70,6 +70,8 @@ class EmbeddedBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.base: Any = AutoModelForCausalLM.from_pretrained(
             str(base_model_path), dtype=getattr(torch, dtype)
         )

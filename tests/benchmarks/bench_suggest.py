@@ -91,8 +91,6 @@ def main() -> None:
         "OUTCOMELOOP_MAX_NEW_TOKENS": str(args.max_new_tokens),
         "OUTCOMELOOP_LOG_LEVEL": "WARNING",
     }
-    if args.backend == "embedded":
-        env["OUTCOMELOOP_DTYPE"] = "bfloat16"
     cli = [sys.executable, "-m", "services"]
     subprocess.run([*cli, "models", "prepare"], env=env, check=True, capture_output=True)
     key = subprocess.run(
@@ -109,7 +107,7 @@ def main() -> None:
     if args.backend == "embedded":
         from services.generation.embedded import EmbeddedBackend
 
-        backend = EmbeddedBackend(model, device="cpu", dtype="bfloat16")
+        backend = EmbeddedBackend(model, device="cpu")
     else:
         from services.generation.vllm import VllmBackend
 

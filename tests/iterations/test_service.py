@@ -16,7 +16,7 @@ from services.policies.service import register_policy
 from tests.conftest import Store
 
 
-def _iteration(store: Store, **data: object) -> str:
+def _policy(store: Store) -> str:
     policy = f"p-{uuid.uuid4().hex[:8]}"
     with session_scope(store.factory) as session:
         register_policy(
@@ -26,6 +26,12 @@ def _iteration(store: Store, **data: object) -> str:
             adapter_uri="/a",
             status=PolicyStatus.APPROVED,
         )
+    return policy
+
+
+def _iteration(store: Store, **data: object) -> str:
+    policy = _policy(store)
+    with session_scope(store.factory) as session:
         return service.create_iteration(
             session,
             algorithm="ppo",
@@ -82,15 +88,7 @@ def test_bad_requests_are_refused_by_name(
     data: dict,
     words: str,  # type: ignore[type-arg]
 ) -> None:
-    policy = f"p-{uuid.uuid4().hex[:8]}"
-    with session_scope(store.factory) as session:
-        register_policy(
-            session,
-            policy_id=policy,
-            base_model="/m",
-            adapter_uri="/a",
-            status=PolicyStatus.APPROVED,
-        )
+    policy = _policy(store)
     with pytest.raises(Invalid, match=words), session_scope(store.factory) as session:
         service.create_iteration(
             session, algorithm=algorithm, hyperparameters=hyper, data=data, parent_policy_id=policy

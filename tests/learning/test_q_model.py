@@ -68,7 +68,7 @@ def keyword_examples(n_conversations: int, seed: int = 0) -> list[StepExample]:
 
 
 CONFIGS = {
-    "head": dict(kind="head", head_hidden=32, head_epochs=60, head_batch_size=32),
+    "head": dict(kind="head", head_hidden=32, head_epochs=60, head_batch_size=32, head_l2=0.01),
     "finetune": dict(kind="finetune", lora_r=8, lora_alpha=16, learning_rate=3e-3, epochs=6),
 }
 
@@ -281,7 +281,7 @@ def test_fit_refuses_bad_input(tiny_model: Path, tmp_path: Path) -> None:
 def test_train_head_weighs_examples() -> None:
     """Two identical inputs with targets 0 and 1: the fit lands at their weighted mean."""
     features = torch.zeros(2, 3)
-    config = QFitConfig(head_epochs=200, head_learning_rate=1e-2, head_weight_decay=0.0)
+    config = QFitConfig(head_epochs=200, head_learning_rate=1e-2, head_l2=0.0)
     head = train_head(features, torch.tensor([0.0, 1.0]), torch.tensor([3.0, 1.0]), config)
     with torch.no_grad():
         assert float(head(features[:1])) == pytest.approx(0.25, abs=1e-3)

@@ -61,15 +61,18 @@ class QFitConfig:
         default=0.0, metadata={"help": "AdamW weight decay of LoRA and score head (finetune)."}
     )
     head_pooling: QPooling = field(
-        default="last_mean",
+        default="mean",
         metadata={
-            "help": "Backbone features for the head: the last token's hidden state, the mean "
-            "over tokens, or both concatenated ('last', 'mean', 'last_mean')."
+            "help": "Backbone features for the head: the mean hidden state over the tokens, the "
+            "last token's, or both concatenated ('mean', 'last', 'last_mean')."
         },
     )
-    head_layer: int = field(
-        default=-1,
-        metadata={"help": "Hidden-state layer the head reads (-1 = the final, normed one)."},
+    head_depth: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of the backbone's decoder layers run for the head's features (1.0 = "
+            "all); middle layers of a frozen LM are better features, and cheaper."
+        },
     )
     head_hidden: int = field(
         default=0, metadata={"help": "Hidden units of the head's one MLP layer; 0 = linear head."}
@@ -78,13 +81,17 @@ class QFitConfig:
         default=1e-3, metadata={"help": "AdamW learning rate of the head (head)."}
     )
     head_epochs: int = field(
-        default=100, metadata={"help": "Passes over the cached features (head)."}
+        default=30, metadata={"help": "Passes over the cached features (head)."}
     )
     head_batch_size: int = field(
         default=256, metadata={"help": "Rows per head optimiser step (head)."}
     )
-    head_weight_decay: float = field(
-        default=0.01, metadata={"help": "AdamW weight decay of the head (head)."}
+    head_l2: float = field(
+        default=1.0,
+        metadata={
+            "help": "L2 penalty on the head's weights added to the weighted MSE (ridge); frozen "
+            "features of a few hundred conversations overfit without it (head)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seeds subsampling, splits and training."})
     device: str = field(
@@ -137,12 +144,14 @@ class QFitConfig:
         non_negative = {
             "head_hidden": self.head_hidden,
             "weight_decay": self.weight_decay,
-            "head_weight_decay": self.head_weight_decay,
+            "head_l2": self.head_l2,
             "max_examples": self.max_examples,
         }
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must not be negative, not {value}")
+        if not 0.0 < self.head_depth <= 1.0:
+            raise ValueError(f"head_depth must be in (0, 1], not {self.head_depth}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), not {self.lora_dropout}")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -20,7 +20,8 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypedDict
@@ -31,6 +32,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -254,15 +256,14 @@ def pooled_features(
     inputs: Sequence[Sequence[int]],
     *,
     pooling: str,
-    layer: int,
     batch_size: int,
     pad_id: int,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """One feature row per input: the last real token's hidden state and/or the token mean.
+    """One feature row per input: the token mean of the hidden states and/or the last token's.
 
-    The last token has read the whole text (causal attention) and the mean is a steadier
-    summary of a frozen model that was never trained to pool; 'last_mean' gives the head both.
+    The mean is the default: the last token of a frozen LM is tuned to predict the next token,
+    and on PersuasionForGood its mean-pooled middle layers ranked outcomes better.
     """
     device = next(backbone.parameters()).device
     rows: list[torch.Tensor | None] = [None] * len(inputs)
@@ -272,13 +273,8 @@ def pooled_features(
             input_ids, attention_mask = (
                 t.to(device) for t in _pad_right([inputs[i] for i in batch], pad_id)
             )
-            output = backbone(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                output_hidden_states=layer != -1,
-            )
-            hidden = output.last_hidden_state if layer == -1 else output.hidden_states[layer]
-            hidden = hidden.float()
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask)
+            hidden = hidden.last_hidden_state.float()
             parts = []
             if pooling in ("last", "last_mean"):
                 positions = torch.arange(len(batch), device=device)
@@ -300,7 +296,8 @@ def train_head(
     config: QFitConfig,
     progress: Progress | None = None,
 ) -> QHead:
-    """Weighted-MSE regression of the targets on cached features (AdamW, shuffled minibatches)."""
+    """Ridge-style regression of the targets on cached features: weighted MSE plus head_l2
+    times the squared weights, Adam on shuffled minibatches."""
     torch.manual_seed(config.seed)
     head = QHead(features.shape[1], config.head_hidden)
     head.feature_mean.copy_(features.mean(0))
@@ -308,16 +305,17 @@ def train_head(
     with torch.no_grad():
         # Start at the mean return: the head then only learns how examples differ from it.
         head.out.bias.fill_(float((weights * targets).sum() / weights.sum()))
-    optimizer = torch.optim.AdamW(
-        head.parameters(), lr=config.head_learning_rate, weight_decay=config.head_weight_decay
-    )
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.head_learning_rate)
+    matrices = [p for p in head.parameters() if p.ndim > 1]
     generator = torch.Generator().manual_seed(config.seed)
     head.train()
     for epoch in range(config.head_epochs):
         for batch in torch.randperm(len(features), generator=generator).split(
             config.head_batch_size
         ):
+            penalty = sum((m.square().sum() for m in matrices), torch.zeros(()))
             loss = weighted_mse(head(features[batch]), targets[batch], weights[batch])
+            loss = loss + config.head_l2 * penalty
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -500,7 +498,6 @@ class QModel:
                 self.network,
                 inputs,
                 pooling=self.config.head_pooling,
-                layer=self.config.head_layer,
                 batch_size=batch_size,
                 pad_id=pad_id,
             )
@@ -565,7 +562,8 @@ class QModel:
             head.load_state_dict(state)
             head.eval()
         else:
-            regressor = _sequence_regressor(config, config.base_model, tokenizer.pad_token_id)
+            with _quiet_load_report():  # the score head is "missing" until the adapter loads
+                regressor = _sequence_regressor(config, config.base_model, tokenizer.pad_token_id)
             network = PeftModel.from_pretrained(regressor, str(path / ADAPTER_DIR))
             network.to(target)
             network.eval()
@@ -579,8 +577,27 @@ class QModel:
         )
 
 
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Hide transformers' weight-loading report where its missing or unexpected keys are meant."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _frozen_backbone(config: QFitConfig, device: torch.device) -> Any:
-    backbone = AutoModel.from_pretrained(config.base_model, dtype=getattr(torch, config.dtype))
+    """The base model without its LM head, cut after head_depth of its decoder layers."""
+    n_layers = int(AutoConfig.from_pretrained(config.base_model).num_hidden_layers)
+    keep = max(1, round(config.head_depth * n_layers))
+    # Building the model with fewer layers skips their weights: the cut saves their compute.
+    with _quiet_load_report():  # the skipped layers' weights are "unexpected" by design
+        backbone = AutoModel.from_pretrained(
+            config.base_model, dtype=getattr(torch, config.dtype), num_hidden_layers=keep
+        )
     backbone.requires_grad_(False)
     backbone.to(device)
     backbone.eval()
@@ -633,7 +650,6 @@ def fit_q(
             backbone,
             inputs,
             pooling=config.head_pooling,
-            layer=config.head_layer,
             batch_size=config.batch_size,
             pad_id=pad_id,
             progress=progress,
