@@ -6,7 +6,6 @@ import itertools
 import json
 import random
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -295,13 +294,12 @@ def test_real_model_head_and_finetune(tmp_path: Path) -> None:
     head = fit_q(
         examples,
         None,
-        QFitConfig(base_model=base, max_length=96, eval_fraction=0.25, head_epochs=50),
+        QFitConfig(base_model=base, max_length=96, eval_fraction=0.25, head_l2=0.01),
         tmp_path / "head",
     )
     assert head.metrics["all"]["auc"] is not None and head.metrics["all"]["auc"] >= 0.8
-    config = QFitConfig(
-        kind="finetune", base_model=base, max_length=96, batch_size=8, eval_fraction=0.25
-    )
-    finetune = fit_q(examples[:48], examples[48:56], replace(config, lora_r=4), tmp_path / "ft")
+    config = QFitConfig(kind="finetune", base_model=base, max_length=96, lora_r=4, lora_alpha=8)
+    finetune = fit_q(examples[:48], examples[48:56], config, tmp_path / "ft")
+    assert finetune.metrics["all"]["n"] == 8
     items = [(e.system, e.state, e.action) for e in examples[48:56]]
     assert QModel.load(finetune.path).score(items) == finetune.model.score(items)
