@@ -290,7 +290,7 @@ def test_train_head_weighs_examples() -> None:
 def test_real_model_head_and_finetune(tmp_path: Path) -> None:
     """SmolLM2-135M: the head learns the keyword; a few LoRA steps save and reload exactly."""
     base = str(prepared_smollm2())
-    examples = keyword_examples(24, seed=3)
+    examples = keyword_examples(48, seed=3)
     head = fit_q(
         examples,
         None,
