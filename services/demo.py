@@ -47,7 +47,8 @@ BUSINESS = "demo-business"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo; the defaults finish within about 20 minutes on 2 CPU cores."""
+    """Sizes of the demo. Target: the defaults finish within 20 minutes on 2 CPU cores (not yet
+    measured; see the README status)."""
 
     conversations: int = 48  # per traffic phase (pi_0 alone, then each A/B test)
     iterations: int = 1
