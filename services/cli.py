@@ -499,7 +499,9 @@ def q_fit(
     gamma: Annotated[float, typer.Option(help="Discount per business decision.")] = 1.0,
     business: Annotated[str | None, typer.Option(help="Only this business.")] = None,
     base_model: Annotated[Path | None, typer.Option(help="Default: the configured base.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Training epochs.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Training epochs (of the head or the fine-tune).")
+    ] = None,
     max_examples: Annotated[int | None, typer.Option(help="Subsample the data.")] = None,
     eval_fraction: Annotated[float, typer.Option(help="Held-out share, by conversation.")] = 0.2,
 ) -> None:
@@ -520,8 +522,8 @@ def q_fit(
             "kind": kind,
             "base_model": str(base_model or settings.base_model_path),
         }
-        if epochs is not None:
-            fields["epochs"] = epochs
+        if epochs is not None:  # the head and the fine-tune count their passes separately
+            fields["head_epochs" if kind == "head" else "epochs"] = int(epochs)
         if max_examples is not None:
             fields["max_examples"] = max_examples
         config = q_fit_config(fields)
