@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
-from tests.server import free_port
+from tests.server import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("OUTCOMELOOP_TEST_CACHE", Path.home() / ".cache" / "outcomeloop-tests"))
@@ -48,18 +45,7 @@ def vllm_server(model: Path, log_path: Path, timeout: float = 400.0) -> Iterator
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vLLM exited early:\n{log_path.read_text()[-5000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM not up in {timeout}s:\n{log_path.read_text()[-5000:]}")
-            time.sleep(1)
+        wait_healthy(process, f"{url}/health", log_path, timeout=timeout, interval=1.0)
         yield url
     finally:
         os.killpg(process.pid, 15)

@@ -20,6 +20,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(
+    process: subprocess.Popen[bytes],
+    health_url: str,
+    log_path: Path,
+    *,
+    timeout: float,
+    interval: float = 0.2,
+) -> None:
+    """Poll `health_url` until it answers 200; fail with the process log if it dies or stalls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{health_url}: process exited early:\n{log_path.read_text()[-5000:]}"
+            )
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{health_url}: not up in {timeout}s:\n{log_path.read_text()[-5000:]}"
+            )
+        time.sleep(interval)
+
+
 @contextmanager
 def running_server(env: dict[str, str], log_path: Path, timeout: float = 60.0) -> Iterator[str]:
     port = free_port()
@@ -32,18 +59,7 @@ def running_server(env: dict[str, str], log_path: Path, timeout: float = 60.0) -
             stderr=subprocess.STDOUT,
         )
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
-                try:
-                    if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server not healthy in {timeout}s:\n{log_path.read_text()}")
-                time.sleep(0.2)
+            wait_healthy(process, f"{base_url}/healthz", log_path, timeout=timeout)
             yield base_url
         finally:
             process.terminate()
