@@ -13,6 +13,7 @@ served in this process on SQLite with the default model on CPU:
 
 from __future__ import annotations
 
+import math
 import shutil
 import socket
 import threading
@@ -47,14 +48,17 @@ BUSINESS = "demo-business"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo. Target: the defaults finish within 20 minutes on 2 CPU cores (not yet
-    measured; see the README status)."""
+    """Sizes of the demo. Target: the defaults finish within 20 minutes on 2 CPU cores."""
 
-    conversations: int = 48  # per traffic phase (pi_0 alone, then each A/B test)
+    conversations: int = 32  # per traffic phase (pi_0 alone, then each A/B test)
     iterations: int = 1
     seed: int = 0
     scenario: str = "renovation"
-    concurrency: int = 8  # simulated conversations in flight (the model batches them)
+    # Simulated conversations in flight. More than `batch_size`, so that a full batch is waiting
+    # whenever the model frees up (with lanes == batch size, lanes fall into two alternating
+    # half-full batches).
+    concurrency: int = 16
+    batch_size: int = 8  # the embedded backend's largest generation batch
     max_new_tokens: int = 40
     temperature: float = 0.8
     q_kind: str = "head"
@@ -80,6 +84,7 @@ class DemoConfig:
             seed=seed,
             scenario=scenario,
             concurrency=6,
+            batch_size=6,
             max_new_tokens=16,
             ppo={
                 "num_updates": 1,
@@ -92,14 +97,40 @@ class DemoConfig:
         )
 
 
+@dataclass(frozen=True)
+class ScoreSummary:
+    """Mean of the simulator's score of an arm's suggestions (`Scenario.score`), with a normal
+    95% interval: a low-variance view of whether a policy's text moved in the direction the
+    simulated customers reward, next to the noisy outcome rate."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> ScoreSummary:
+        n = len(values)
+        if n == 0:
+            return cls(0, math.nan, math.nan, math.nan)
+        mean = sum(values) / n
+        if n == 1:
+            return cls(1, mean, math.nan, math.nan)
+        variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+        half = 1.959964 * math.sqrt(variance / n)
+        return cls(n, mean, mean - half, mean + half)
+
+
 @dataclass
 class Phase:
-    """One traffic phase: an experiment and what its arms achieved."""
+    """One traffic phase: an experiment, what its arms achieved and the simulator's score of
+    each arm's suggestions (keyed by arm name)."""
 
     name: str
     experiment_id: str
     arms: list[ArmResult]
     seconds: float
+    scores: dict[str, ScoreSummary] = field(default_factory=dict)
 
 
 @dataclass
@@ -206,7 +237,7 @@ def run_demo(
             "temperature": config.temperature,
             "on_backend_error": "abstain",
             "generation_timeout_s": 120.0,
-            "embedded_max_batch": config.concurrency,
+            "embedded_max_batch": config.batch_size,
             "embedded_batch_window_ms": 30.0,
             "q_auc_floor": 0.5,
         }
@@ -309,10 +340,15 @@ def _phase(
             done[0] += 1
             progress(f"traffic: {name}", done[0] / config.conversations)
 
-    _traffic(base_url, key, scenario, config, config.seed + 7919 * index, tick)
+    records = _traffic(base_url, key, scenario, config, config.seed + 7919 * index, tick)
     with session_scope(factory) as session:
         arms = experiment_results(session, experiment_id=experiment_id)
-    return Phase(name, experiment_id, arms, time.monotonic() - started)
+    by_arm: dict[str, list[float]] = {}
+    for record in records:
+        if record.arm is not None:
+            by_arm.setdefault(record.arm, []).extend(record.suggestion_scores)
+    scores = {arm: ScoreSummary.of(values) for arm, values in by_arm.items()}
+    return Phase(name, experiment_id, arms, time.monotonic() - started, scores)
 
 
 def _run_steps(

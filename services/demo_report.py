@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from services.demo import DemoResult, Phase
+from services.demo import DemoResult, Phase, ScoreSummary
 from services.experiments.report import ArmResult
 
 
@@ -46,6 +46,45 @@ def verdict(phase: Phase) -> str:
     )
 
 
+def score_difference(phase: Phase) -> str:
+    """The treatment's minus the control's mean simulator score of suggestions, 95% interval."""
+    if len(phase.arms) != 2:
+        return ""
+    control, treatment = (phase.scores.get(a.arm) for a in phase.arms)
+    if control is None or treatment is None or control.n < 2 or treatment.n < 2:
+        return "too few suggestions to compare their simulator scores"
+    diff = treatment.mean - control.mean
+    half = math.sqrt(
+        ((control.high - control.mean) / 1.959964) ** 2
+        + ((treatment.high - treatment.mean) / 1.959964) ** 2
+    )
+    low, high = diff - 1.959964 * half, diff + 1.959964 * half
+    clear = "clearly " if low > 0 or high < 0 else ""
+    direction = "higher" if diff > 0 else "lower"
+    return (
+        f"simulator score of suggestions {clear}{direction}: {diff:+.2f} "
+        f"(95% CI {low:+.2f} to {high:+.2f}; {control.n} vs {treatment.n} suggestions)"
+    )
+
+
+def _score(summary: ScoreSummary | None) -> str:
+    if summary is None or summary.n == 0:
+        return "n/a"
+    if summary.n == 1:
+        return f"{summary.mean:+.2f}"
+    return f"{summary.mean:+.2f} ({summary.low:+.2f} to {summary.high:+.2f})"
+
+
+def _ppo(metrics: dict[str, Any]) -> str:
+    """What the improvement step did: Q of its samples first -> last update, KL to the parent."""
+    if "improve_q_mean" not in metrics:
+        return ""
+    return (
+        f"; PPO: Q of samples {_fmt(metrics.get('improve_q_mean_first'))} -> "
+        f"{_fmt(metrics.get('improve_q_mean'))}, KL to parent {_fmt(metrics.get('improve_kl_ref'))}"
+    )
+
+
 def print_report(result: DemoResult, console: Console) -> None:
     table = Table(title=f"outcomeloop demo: {result.scenario.name} (seed {result.config.seed})")
     for column in (
@@ -58,6 +97,7 @@ def print_report(result: DemoResult, console: Console) -> None:
         "edited",
         "rejected",
         "abstained",
+        "sim. score (95% CI)",
     ):
         table.add_column(
             column, justify="right" if column not in ("phase", "arm", "policy") else "left"
@@ -75,8 +115,13 @@ def print_report(result: DemoResult, console: Console) -> None:
                     f"{arm.relation_rate(r):.0%}"
                     for r in ("accepted", "edited", "rejected", "abstained")
                 ),
+                _score(phase.scores.get(arm.arm)),
             )
     console.print(table)
+    console.print(
+        "sim. score: the simulator's own score of the suggestions (Scenario.score: their direct "
+        "effect on the outcome log-odds); a diagnostic production does not have"
+    )
     for name, rate in result.reference_rates.items():
         console.print(f"reference (simulator, offline): {name}: {rate:.1%}")
     for summary in result.iterations:
@@ -85,11 +130,11 @@ def print_report(result: DemoResult, console: Console) -> None:
             f"iteration {summary.iteration_id[:8]} ({summary.parent} -> {summary.candidate}): "
             f"{summary.status}; Q held-out AUC {_fmt(m.get('q_auc'))} "
             f"(first half {_fmt(m.get('q_auc_first_half'))}), MSE {_fmt(m.get('q_mse'))}, "
-            f"Brier {_fmt(m.get('q_brier'))}, {m.get('data_examples', 0)} decisions; "
-            f"{summary.seconds:.0f}s"
+            f"Brier {_fmt(m.get('q_brier'))}, {m.get('data_examples', 0)} decisions"
+            f"{_ppo(m)}; {summary.seconds:.0f}s"
         )
     for phase in result.phases[1:]:
-        console.print(f"[bold]{phase.name}[/]: {verdict(phase)}")
+        console.print(f"[bold]{phase.name}[/]: {verdict(phase)}; {score_difference(phase)}")
     for note in result.notes:
         console.print(f"note: {note}")
     console.print(f"wall time {result.seconds / 60:.1f} min; store {result.store}")
@@ -215,6 +260,7 @@ def render_html(result: DemoResult) -> str:
                         f"{arm.relation_rate('edited'):.0%}",
                         f"{arm.relation_rate('rejected'):.0%}",
                         f"{arm.relation_rate('abstained'):.0%}",
+                        _score(phase.scores.get(arm.arm)),
                     )
                 )
                 + "</tr>"
@@ -236,13 +282,17 @@ def render_html(result: DemoResult) -> str:
                     _fmt(m.get("q_auc_first_half")),
                     _fmt(m.get("q_mse")),
                     _fmt(m.get("q_brier")),
+                    _fmt(m.get("improve_q_mean_first")),
+                    _fmt(m.get("improve_q_mean")),
+                    _fmt(m.get("improve_kl_ref")),
                     f"{s.seconds:.0f}s",
                 )
             )
             + "</tr>"
         )
     verdicts = "".join(
-        f"<li><b>{html.escape(p.name)}</b>: {html.escape(verdict(p))}</li>"
+        f"<li><b>{html.escape(p.name)}</b>: {html.escape(verdict(p))}; "
+        f"{html.escape(score_difference(p))}</li>"
         for p in result.phases[1:]
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
@@ -261,10 +311,14 @@ conversations per phase; {c.iterations} iteration(s); wall time {result.seconds 
 <h2>Outcome rate per arm</h2>{_bars_svg(result.phases)}
 <table><tr><th>phase</th><th>arm</th><th>policy</th><th>conversations</th>
 <th>outcome rate (95% CI)</th><th>accepted</th><th>edited</th><th>rejected</th>
-<th>abstained</th></tr>{"".join(rows)}</table>
+<th>abstained</th><th>simulator score (95% CI)</th></tr>{"".join(rows)}</table>
+<p>Simulator score: the simulator's own score of the suggestions (their direct effect on the
+outcome log-odds, <code>Scenario.score</code>); a diagnostic that production does not have.</p>
 <h2>Per iteration</h2>{_iterations_svg(result)}
 <table><tr><th>iteration</th><th>parent</th><th>candidate</th><th>status</th><th>decisions</th>
-<th>Q AUC</th><th>Q AUC (first half)</th><th>Q MSE</th><th>Brier</th><th>time</th></tr>
+<th>Q AUC</th><th>Q AUC (first half)</th><th>Q MSE</th><th>Brier</th>
+<th>PPO: Q of samples, first update</th><th>last update</th><th>KL to parent</th>
+<th>time</th></tr>
 {"".join(iteration_rows)}</table>
 <h2>Verdict</h2><ul>{verdicts or "<li>no A/B test ran</li>"}</ul>
 <h2>Reference</h2><ul>{reference}</ul><h2>Notes</h2><ul>{notes}</ul>

@@ -58,6 +58,8 @@ class ConversationRecord:
     silences: int  # turns the rep sent nothing
     suggestion_errors: int  # suggestion requests answered 4xx/5xx (the rep wrote its own)
     transcript: tuple[Turn, ...]
+    # Scenario.score of each suggestion shown (abstentions excluded), in order: a diagnostic.
+    suggestion_scores: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,7 @@ def _play(channel: _Channel, scenario: Scenario, *, seed: int, index: int) -> Co
     )
     history: list[Turn] = []
     counts: Counter[str] = Counter()
+    scores: list[float] = []
     arm = policy = None
     text, status = customer.opening(), "continues"
     turns = silent_in_a_row = 0
@@ -261,8 +264,11 @@ def _play(channel: _Channel, scenario: Scenario, *, seed: int, index: int) -> Co
         shown = channel.suggest(history, turns)
         if shown is None:
             counts["suggestion_errors"] += 1
-        elif arm is None:
-            arm, policy = shown.arm, shown.policy
+        else:
+            if arm is None:
+                arm, policy = shown.arm, shown.policy
+            if shown.text is not None:
+                scores.append(scenario.score(shown.text, history))
         action = rep.respond(shown.text if shown else None, history)
         if action.text is None:
             counts["silences"] += 1
@@ -295,6 +301,7 @@ def _play(channel: _Channel, scenario: Scenario, *, seed: int, index: int) -> Co
         silences=counts["silences"],
         suggestion_errors=counts["suggestion_errors"],
         transcript=tuple(history),
+        suggestion_scores=tuple(scores),
     )
 
 

@@ -221,6 +221,18 @@ class Scenario:
             extra_needs_phrases=self.needs_phrases,
         )
 
+    def score(self, text: str, history: Sequence[Turn]) -> float:
+        """How much the scenario's customers reward `text` after `history`: its direct effect on
+        this turn's outcome log-odds, sum(outcome_weights * f), minus the annoyance it adds
+        times `outcome_annoyance`; persona terms and what the message does to later turns are
+        left out. A diagnostic the simulator can compute and production cannot (the demo
+        reports it per arm; it is never a training signal of the product)."""
+        dynamics = self.dynamics
+        features = self.features(text, history)
+        direct = sum(dynamics.outcome_weights.get(k, 0.0) * v for k, v in features.items())
+        annoyance = sum(dynamics.leave_weights.get(k, 0.0) * v for k, v in features.items())
+        return direct - dynamics.outcome_annoyance * annoyance
+
     def known_answer(self, customer_text: str) -> str | None:
         """The good answer to a known opening or concern contained in `customer_text`."""
         openings = [q for need in self.personas.needs for q in need.openings]

@@ -262,6 +262,35 @@ def test_good_policy_clearly_beats_bad_policy(name: str) -> None:
     assert bad < rep_alone < good, rates
 
 
+def test_score_is_the_weighted_features_of_the_message() -> None:
+    scenario = RENOVATION
+    d = scenario.dynamics
+    for text, history, _ in FEATURE_CASES:
+        f = extract_features(
+            text,
+            history,
+            off_brand_words=scenario.off_brand_words,
+            extra_needs_phrases=scenario.needs_phrases,
+        )
+        expected = 0.0
+        for name in FEATURE_NAMES:  # the slow, obvious version
+            expected += d.outcome_weights.get(name, 0.0) * f[name]
+            expected -= d.outcome_annoyance * d.leave_weights.get(name, 0.0) * f[name]
+        assert scenario.score(text, history) == pytest.approx(expected, abs=1e-12), text
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_score_ranks_the_good_policy_above_the_bad_one(name: str) -> None:
+    scenario = SCENARIOS[name]
+    good = simulate_offline(scenario, 40, 1, good_policy(scenario))
+    bad = simulate_offline(scenario, 40, 1, bad_policy)
+    good_scores = [s for r in good.records for s in r.suggestion_scores]
+    bad_scores = [s for r in bad.records for s in r.suggestion_scores]
+    # One score per suggestion shown: every business turn asks for one offline.
+    assert len(good_scores) == sum(r.turns for r in good.records)
+    assert min(good_scores) > max(bad_scores)
+
+
 # -- through the real API --------------------------------------------------------------------
 
 
