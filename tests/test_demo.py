@@ -36,6 +36,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> No
     assert "outcome rate (95% CI)" in out
     assert "approved automatically" in out, "the demo must say it played the operator"
     assert "Q held-out AUC" in out and "A/B pi0 vs it-" in out
+    assert "sim. score (95% CI)" in out and "PPO: Q of samples" in out
     page = report.read_text()
     assert page.startswith("<!doctype html>") and page.count("<svg") == 2
     assert "Verdict" in page and "http" not in page.split("<body>")[1].replace(

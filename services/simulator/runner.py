@@ -307,7 +307,7 @@ def _play(channel: _Channel, scenario: Scenario, *, seed: int, index: int) -> Co
 
 def _report(scenario: Scenario, seed: int, records: list[ConversationRecord]) -> SimulationReport:
     report = SimulationReport(scenario.name, seed, tuple(records))
-    log.info(
+    log.debug(
         "simulated %d %s conversations (seed %d): outcome rate %.3f",
         len(records),
         scenario.name,

@@ -6,7 +6,10 @@ reply's direct effect on the outcome log-odds). This script runs our PPO from pi
 conversation states, once per `--reward`:
 
 * `oracle`: the simulator's score itself, the best a learned Q could ever be;
-* `q:DIR`: a fitted Q (e.g. the demo's `artifacts/<iteration>/fit_q`), as the demo does;
+* `q:DIR`: a fitted Q (e.g. the demo's `artifacts/iterations/<id>/fit_q`), as the demo does;
+* `qfit:N`: a head Q fitted here on N simulated conversations in which the rep wrote every
+  message alone (a business's chat history: cheap, and its actions vary in quality), to see
+  how Q's ranking of replies grows with data;
 
 then samples replies from pi_0 and from the result on held-out states and prints the simulator
 score of both, with 95% intervals, and (for `q:`) how well Q ranks replies the way the simulator
@@ -80,6 +83,46 @@ def q_reward(path: Path, base_model: Path):  # type: ignore[no-untyped-def]
     return reward
 
 
+def fit_on_history(
+    scenario: Scenario, conversations: int, seed: int, base_model: Path, output_dir: Path
+) -> Path:
+    """A head Q on `conversations` rep-alone conversations (seeded apart from the states)."""
+    from workers.learning.configs import QFitConfig
+    from workers.learning.examples import StepExample
+    from workers.learning.q_model import fit_q
+    from workers.learning.returns import ReturnsConfig, monte_carlo_returns
+
+    gamma = ReturnsConfig().gamma
+    system = business_prompt(scenario)
+    examples = []
+    for record in simulate_offline(scenario, conversations, seed + 10_000, lambda _h: None).records:
+        turns = [Turn(role, text) for role, text in record.transcript]
+        decisions = [i for i, t in enumerate(turns) if t.role == "business"]
+        rewards = [0.0] * len(decisions)
+        if record.outcome and rewards:
+            rewards[-1] = 1.0
+        returns = monte_carlo_returns(rewards, gamma)
+        for step, (i, ret) in enumerate(zip(decisions, returns, strict=True)):
+            examples.append(
+                StepExample(
+                    conversation_id=record.conversation_id,
+                    step=step,
+                    n_steps=len(decisions),
+                    state=tuple(turns[:i]),
+                    action=turns[i].text,
+                    ret=ret,
+                    outcome=int(record.outcome),
+                    system=system,
+                )
+            )
+    result = fit_q(examples, None, QFitConfig(kind="head", base_model=str(base_model)), output_dir)
+    print(
+        f"  Q fitted on {conversations} history conversations ({len(examples)} decisions): "
+        f"held-out {result.metrics}"
+    )
+    return output_dir
+
+
 def sample(
     backend: EmbeddedBackend, adapter: AdapterRef, prompts: list[list[ChatMessage]], seed: int
 ) -> list[str]:
@@ -103,12 +146,13 @@ def ranks(values: list[float]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reward", action="append", required=True, help="oracle | q:DIR")
+    parser.add_argument("--reward", action="append", required=True, help="oracle|q:DIR|qfit:N")
     parser.add_argument("--scenario", default="renovation", choices=sorted(SCENARIOS))
     parser.add_argument("--conversations", type=int, default=48)
     parser.add_argument("--eval-prompts", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-updates", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--beta", type=float, default=None)
     args = parser.parse_args()
@@ -120,6 +164,7 @@ def main() -> None:
     ppo = dict(DemoConfig().ppo)
     for key, value in (
         ("num_updates", args.num_updates),
+        ("batch_size", args.batch_size),
         ("learning_rate", args.learning_rate),
         ("beta", args.beta),
     ):
@@ -139,8 +184,14 @@ def main() -> None:
         for i, spec in enumerate(args.reward):
             if spec == "oracle":
                 reward = score
-            elif spec.startswith("q:"):
-                reward = q_reward(Path(spec[2:]), base)
+            elif spec.startswith(("q:", "qfit:")):
+                if spec.startswith("qfit:"):
+                    path = fit_on_history(
+                        scenario, int(spec[5:]), args.seed, base, Path(tmp) / f"q-{i}"
+                    )
+                else:
+                    path = Path(spec[2:])
+                reward = q_reward(path, base)
                 q = reward(held_out, before)
                 print(
                     f"  Q vs simulator score on pi0's samples: Pearson "
@@ -148,7 +199,7 @@ def main() -> None:
                     f"{statistics.correlation(ranks(q), ranks(before_scores)):+.3f}"
                 )
             else:
-                raise SystemExit(f"--reward {spec!r}: use oracle or q:DIR")
+                raise SystemExit(f"--reward {spec!r}: use oracle, q:DIR or qfit:N")
             started = time.monotonic()
             result = improve_policy(
                 algorithm="ppo",
