@@ -100,26 +100,35 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class ScoreSummary:
-    """Mean of the simulator's score of an arm's suggestions (`Scenario.score`), with a normal
-    95% interval: a low-variance view of whether a policy's text moved in the direction the
-    simulated customers reward, next to the noisy outcome rate."""
+    """Mean of the simulator's score of an arm's suggestions (`Scenario.score`) and its standard
+    error: a low-variance view of whether a policy's text moved in the direction the simulated
+    customers reward, next to the noisy outcome rate."""
 
     n: int
     mean: float
-    low: float
-    high: float
+    se: float  # nan below two values
+
+    Z95 = 1.959964
 
     @classmethod
     def of(cls, values: list[float]) -> ScoreSummary:
         n = len(values)
         if n == 0:
-            return cls(0, math.nan, math.nan, math.nan)
+            return cls(0, math.nan, math.nan)
         mean = sum(values) / n
         if n == 1:
-            return cls(1, mean, math.nan, math.nan)
+            return cls(1, mean, math.nan)
         variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-        half = 1.959964 * math.sqrt(variance / n)
-        return cls(n, mean, mean - half, mean + half)
+        return cls(n, mean, math.sqrt(variance / n))
+
+    @property
+    def low(self) -> float:
+        """Lower end of the normal 95% interval of the mean."""
+        return self.mean - self.Z95 * self.se
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.Z95 * self.se
 
 
 @dataclass

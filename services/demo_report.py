@@ -54,11 +54,8 @@ def score_difference(phase: Phase) -> str:
     if control is None or treatment is None or control.n < 2 or treatment.n < 2:
         return "too few suggestions to compare their simulator scores"
     diff = treatment.mean - control.mean
-    half = math.sqrt(
-        ((control.high - control.mean) / 1.959964) ** 2
-        + ((treatment.high - treatment.mean) / 1.959964) ** 2
-    )
-    low, high = diff - 1.959964 * half, diff + 1.959964 * half
+    half = ScoreSummary.Z95 * math.sqrt(control.se**2 + treatment.se**2)
+    low, high = diff - half, diff + half
     clear = "clearly " if low > 0 or high < 0 else ""
     direction = "higher" if diff > 0 else "lower"
     return (
