@@ -48,8 +48,8 @@ BUSINESS = "demo-business"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo. The defaults finish within 20 minutes on 2 CPU cores (measured: 14.1
-    min; README, "What one iteration achieves at demo scale")."""
+    """Sizes of the demo. The defaults finish within 20 minutes on 2 CPU cores (measured: 14.1 and
+    15.1 min; README, "What one iteration achieves at demo scale")."""
 
     conversations: int = 32  # per traffic phase (pi_0 alone, then each A/B test)
     iterations: int = 1
