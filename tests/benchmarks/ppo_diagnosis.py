@@ -137,10 +137,18 @@ def sample(
 
 
 def ranks(values: list[float]) -> list[float]:
+    """Ranks with ties averaged (the simulator score ties often: many replies score 0), so that
+    the Pearson correlation of ranks is Spearman's rho."""
     order = sorted(range(len(values)), key=values.__getitem__)
     out = [0.0] * len(values)
-    for rank, i in enumerate(order):
-        out[i] = float(rank)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            out[order[k]] = (start + end) / 2
+        start = end + 1
     return out
 
 
