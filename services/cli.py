@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,6 +30,7 @@ policies_app = typer.Typer(help="The policy registry.", no_args_is_help=True)
 experiments_app = typer.Typer(help="A/B experiments.", no_args_is_help=True)
 iterate_app = typer.Typer(help="Policy iterations (returns -> Q -> improve).", no_args_is_help=True)
 q_app = typer.Typer(help="The Q function: fit on the log, score candidates.", no_args_is_help=True)
+data_app = typer.Typer(help="What the iterations learn from.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
@@ -36,6 +38,7 @@ app.add_typer(policies_app, name="policies")
 app.add_typer(experiments_app, name="experiments")
 app.add_typer(iterate_app, name="iterate")
 app.add_typer(q_app, name="q")
+app.add_typer(data_app, name="data")
 
 err = Console(stderr=True)
 out = Console()
@@ -504,6 +507,13 @@ def q_fit(
     ] = None,
     max_examples: Annotated[int | None, typer.Option(help="Subsample the data.")] = None,
     eval_fraction: Annotated[float, typer.Option(help="Held-out share, by conversation.")] = 0.2,
+    policy: Annotated[
+        str | None, typer.Option(help="The policy whose suggestions count as 'policy'.")
+    ] = None,
+    sources: Annotated[
+        list[str] | None,
+        typer.Option(help="Decision sources (see `data decisions`). Default: all of them."),
+    ] = None,
 ) -> None:
     """Fit Q(s, a) on Monte Carlo returns of the ended conversations in the store."""
     import json
@@ -513,11 +523,15 @@ def q_fit(
     from services.iterations.dataset import build_examples
     from workers.learning.config_build import q_fit_config
     from workers.learning.q_model import fit_q
-    from workers.learning.returns import ReturnsConfig
+    from workers.learning.returns import DECISION_SOURCES, ReturnsConfig
 
     settings = _settings()
     try:
-        returns = ReturnsConfig(gamma=gamma, arms="all", business_id=business)
+        returns = ReturnsConfig(
+            gamma=gamma,
+            sources=_parse_sources(sources, DECISION_SOURCES),  # type: ignore[arg-type]
+            business_id=business,
+        )
         fields: dict[str, object] = {
             "kind": kind,
             "base_model": str(base_model or settings.base_model_path),
@@ -533,7 +547,9 @@ def q_fit(
         raise _fail(f"no base model at {config.base_model}; run `outcomeloop models prepare`")
     factory = _prepared_store(settings)
     with session_scope(factory) as session:
-        examples, stats = build_examples(session, config=returns, policy_id=None, cutoff=utcnow())
+        examples, stats = build_examples(
+            session, config=returns, policy_id=policy or "", cutoff=utcnow()
+        )
     if not examples:
         raise _fail("no ended conversations with business messages in the store")
     held = [e for e in examples if unit_interval("split", e.conversation_id) < eval_fraction]
@@ -600,6 +616,84 @@ def q_score(
             handle.write(json.dumps({"id": row_id, "q": float(score)}) + "\n")
     tmp.replace(output)
     err.print(f"scored {len(rows)} line(s) -> {output}")
+
+
+def _parse_sources(values: list[str] | None, default: Sequence[str]) -> tuple[str, ...]:
+    """--sources policy,exploration or --sources policy --sources exploration."""
+    if not values:
+        return tuple(default)
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+
+
+@data_app.command("decisions")
+def data_decisions(
+    output: Annotated[Path, typer.Option(help="Where to write the .jsonl ('-' for stdout).")],
+    policy: Annotated[
+        str | None,
+        typer.Option(help="pi_i, whose decisions are 'policy'. Default: the scope's current one."),
+    ] = None,
+    sources: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Sources to use (repeat, or comma-separated): policy, exploration, imported, "
+            "unlogged, other_arms. Default: policy,exploration."
+        ),
+    ] = None,
+    business: Annotated[str | None, typer.Option(help="Only this business.")] = None,
+    gamma: Annotated[float, typer.Option(help="Discount per business turn.")] = 1.0,
+    off_policy: Annotated[str, typer.Option(help="weighted | truncated")] = "weighted",
+    include_excluded: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Also write the decisions not used, with the reason (`excluded`)."
+        ),
+    ] = False,
+) -> None:
+    """Write the decisions an iteration of POLICY would train on, one JSON object a line."""
+    import json
+
+    from services.db import utcnow
+    from services.errors import DomainError
+    from services.iterations.dataset import DatasetStats, iter_decisions
+    from services.iterations.service import current_policy
+    from workers.learning.returns import DEFAULT_SOURCES, ReturnsConfig
+
+    settings = _settings()
+    try:
+        config = ReturnsConfig(
+            gamma=gamma,
+            sources=_parse_sources(sources, DEFAULT_SOURCES),  # type: ignore[arg-type]
+            off_policy=off_policy,  # type: ignore[arg-type]
+            business_id=business,
+        )
+    except (TypeError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    factory = _prepared_store(settings)
+    stats = DatasetStats()
+    written = 0
+    with session_scope(factory) as session:
+        try:
+            policy_id = policy or current_policy(session, business_id=business)
+        except DomainError as exc:
+            raise _fail(exc.message) from None
+        decisions = iter_decisions(
+            session, config=config, policy_id=policy_id, cutoff=utcnow(), stats=stats
+        )
+        to_stdout = str(output) == "-"
+        tmp = output.with_suffix(output.suffix + ".part")
+        with nullcontext(sys.stdout) if to_stdout else tmp.open("w", encoding="utf-8") as sink:
+            for decision in decisions:
+                if decision.used or include_excluded:
+                    sink.write(json.dumps(decision.as_record(), ensure_ascii=False) + "\n")
+                    written += 1
+        if not to_stdout:
+            tmp.replace(output)
+    err.print(
+        f"{written} decision(s) of policy {policy_id} from {stats.conversations} ended "
+        f"conversation(s); used {stats.used}, effective sample size "
+        f"{stats.effective_sample_size:.1f}"
+    )
+    err.print(json.dumps({"by_source": stats.by_source, "excluded": stats.excluded}))
 
 
 @app.command("import")

@@ -409,7 +409,6 @@ def _iterate(
                 "business_id": BUSINESS,
                 "max_prompts": 64,
                 "eval_fraction": 0.25,
-                "arms": "policy",
             },
             parent_policy_id=parent,
             trigger="demo",

@@ -148,22 +148,24 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     if not examples:
         raise RuntimeError(
-            f"no training data: {stats.conversations} ended conversations in the window, "
-            f"{stats.decisions} decisions, skipped {stats.skipped}"
+            f"no training data for {ctx.iteration.parent_policy_id} from sources "
+            f"{list(config.sources)}: {stats.conversations} ended conversations in the window, "
+            f"{stats.decisions} decisions, by source {stats.by_source}, excluded {stats.excluded}"
         )
     fraction = float(ctx.configs["pipeline"]["eval_fraction"])
     held_out = [e for e in examples if unit_interval("split", e.conversation_id) < fraction]
     train = [e for e in examples if unit_interval("split", e.conversation_id) >= fraction]
     if not held_out or not train:  # tiny data: keep both sides non-empty
         held_out, train = examples[: max(1, len(examples) // 5)], examples[len(examples) // 5 :]
-    seen: set[tuple[str, int]] = set()
+    # PPO's prompts: states pi_i answered (never after an outcome), one per decision state.
+    seen: set[tuple[str, tuple[Turn, ...]]] = set()
     prompts = []
     for e in sorted(
-        examples, key=lambda e: unit_interval("prompts", e.conversation_id, str(e.step))
+        examples, key=lambda e: unit_interval("prompts", e.conversation_id, str(len(e.state)))
     ):
-        if (e.conversation_id, e.step) in seen or not e.state or e.state[-1].role != "customer":
+        if (e.conversation_id, e.state) in seen or not e.state or e.state[-1].role != "customer":
             continue
-        seen.add((e.conversation_id, e.step))
+        seen.add((e.conversation_id, e.state))
         prompts.append({"system": e.system, "state": [[t.role, t.text] for t in e.state]})
         if len(prompts) >= int(ctx.configs["pipeline"]["max_prompts"]):
             break
@@ -172,15 +174,16 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     write_examples(tmp / "train.jsonl", train)
     write_examples(tmp / "eval.jsonl", held_out)
     (tmp / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    (tmp / "stats.json").write_text(json.dumps(stats.as_dict(), indent=2))
     _publish(tmp, final)
     result = {
         "dir": str(final),
         "train": len(train),
         "eval": len(held_out),
         "prompts": len(prompts),
-        **{f"data_{k}": v for k, v in stats.as_dict().items() if not isinstance(v, dict)},
+        "data": stats.as_dict(),
     }
-    return result, {"data_examples": len(examples), "data_conversations": stats.conversations}
+    return result, {**stats.flat(), "data_examples": len(examples)}
 
 
 def step_fit_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -297,6 +300,9 @@ def step_deploy(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
         if running is not None and running.name == f"iteration {ctx.iteration.id}":
             experiment = running  # a redelivered deploy that already created it
         else:
+            # The scope's exploration settings carry over: without them the A/B would log no
+            # exploration and the next Q would lose its action coverage (section 3.2).
+            exploration = running.exploration if running is not None else None
             if running is not None:
                 stop_experiment(session, experiment_id=running.id)
             experiment = create_experiment(
@@ -307,6 +313,7 @@ def step_deploy(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
                     ArmSpec("control", ctx.iteration.parent_policy_id, 1.0 - weight),
                     ArmSpec("treatment", candidate, weight),
                 ],
+                exploration=exploration,
             )
         locked = service.get_iteration(session, iteration_id=ctx.iteration.id)
         locked.experiment_id = experiment.id

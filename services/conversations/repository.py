@@ -222,34 +222,80 @@ def count_ended_since(session: Session, *, since: datetime | None) -> int:
     return session.scalar(query) or 0
 
 
-# Every business message is a decision; its reward is 1 if an outcome was observed at or after
-# it and before the next business message (terminal: after the last one, nothing more accrues).
-# G_t = sum_{j >= t} gamma^(j - t) r_j by a self-join within each conversation: exact for any
-# gamma, and conversations are short enough for the quadratic join.
+# The decisions of each conversation and their Monte Carlo returns, by the rules in
+# workers/learning/returns.py: decisions are suggestions (at their state_seq) and business turns
+# that no suggestion answered (at the state before the turn); a business turn is a run of
+# consecutive business messages; the first outcome absorbs. Every decision is returned, with
+# `after_outcome` = 1 for those the absorbing outcome removes, so callers can count them.
 _DECISION_RETURNS = text(
     """
-    WITH steps AS (
-        SELECT m.conversation_id, m.id AS message_id, m.seq, m.suggestion_id,
-               ROW_NUMBER() OVER (PARTITION BY m.conversation_id ORDER BY m.seq) - 1 AS step,
-               LEAD(m.seq) OVER (PARTITION BY m.conversation_id ORDER BY m.seq) AS next_seq
+    WITH msgs AS (
+        SELECT m.conversation_id, m.id AS message_id, m.seq, m.role, m.suggestion_id,
+               LAG(m.role) OVER (PARTITION BY m.conversation_id ORDER BY m.seq) AS prev_role
         FROM messages m
-        WHERE m.role = 'business' AND m.conversation_id IN :ids
+        WHERE m.conversation_id IN :ids
     ),
-    rewarded AS (
-        SELECT s.conversation_id, s.message_id, s.seq, s.suggestion_id, s.step,
-               CASE WHEN EXISTS (
-                   SELECT 1 FROM outcomes o
-                   WHERE o.conversation_id = s.conversation_id AND o.seq >= s.seq
-                     AND (s.next_seq IS NULL OR o.seq < s.next_seq)
-               ) THEN 1.0 ELSE 0.0 END AS reward
-        FROM steps s
+    turns AS (
+        SELECT t.conversation_id, t.message_id, t.seq AS start_seq,
+               (SELECT MIN(c.seq) FROM msgs c
+                WHERE c.conversation_id = t.conversation_id AND c.role = 'customer'
+                  AND c.seq > t.seq) AS end_before
+        FROM msgs t
+        WHERE t.role = 'business' AND (t.prev_role IS NULL OR t.prev_role <> 'business')
+    ),
+    bounds AS (
+        SELECT o.conversation_id, MIN(o.seq) AS outcome_seq
+        FROM outcomes o
+        WHERE o.conversation_id IN :ids
+        GROUP BY o.conversation_id
+    ),
+    deciding AS (
+        SELECT b.conversation_id, b.outcome_seq,
+               (SELECT MAX(t.start_seq) FROM turns t
+                WHERE t.conversation_id = b.conversation_id
+                  AND t.start_seq <= b.outcome_seq) AS deciding_start
+        FROM bounds b
+    ),
+    decisions AS (
+        SELECT s.conversation_id, s.id AS suggestion_id, NULL AS message_id, s.state_seq,
+               s.created_at AS made_at
+        FROM suggestions s
+        WHERE s.conversation_id IN :ids
+        UNION ALL
+        SELECT t.conversation_id, NULL AS suggestion_id, t.message_id, t.start_seq - 1,
+               NULL AS made_at
+        FROM turns t
+        WHERE NOT EXISTS (
+            SELECT 1 FROM msgs b
+            WHERE b.conversation_id = t.conversation_id AND b.role = 'business'
+              AND b.suggestion_id IS NOT NULL AND b.seq >= t.start_seq
+              AND (t.end_before IS NULL OR b.seq < t.end_before)
+        )
+    ),
+    counted AS (
+        SELECT d.conversation_id, d.suggestion_id, d.message_id, d.state_seq, d.made_at,
+               g.outcome_seq,
+               (SELECT COUNT(*) FROM turns t
+                WHERE t.conversation_id = d.conversation_id AND t.start_seq <= d.state_seq)
+                   AS turn,
+               CASE WHEN g.outcome_seq IS NULL THEN NULL ELSE (
+                   SELECT COUNT(*) FROM turns t
+                   WHERE t.conversation_id = d.conversation_id AND t.start_seq > d.state_seq
+                     AND t.start_seq <= g.outcome_seq
+               ) END AS turns_to_outcome,
+               CASE WHEN g.outcome_seq IS NULL THEN 0
+                    WHEN g.deciding_start IS NOT NULL AND d.state_seq < g.deciding_start THEN 0
+                    ELSE 1 END AS after_outcome
+        FROM decisions d
+        LEFT JOIN deciding g ON g.conversation_id = d.conversation_id
     )
-    SELECT a.conversation_id, a.step, a.message_id, a.seq, a.suggestion_id, a.reward,
-           SUM(b.reward * POWER(:gamma, b.step - a.step)) AS ret
-    FROM rewarded a
-    JOIN rewarded b ON b.conversation_id = a.conversation_id AND b.step >= a.step
-    GROUP BY a.conversation_id, a.step, a.message_id, a.seq, a.suggestion_id, a.reward
-    ORDER BY a.conversation_id, a.step
+    SELECT conversation_id, suggestion_id, message_id, state_seq, turn, outcome_seq,
+           after_outcome,
+           CASE WHEN after_outcome = 0 AND turns_to_outcome = 1 THEN 1.0 ELSE 0.0 END AS reward,
+           CASE WHEN after_outcome = 1 OR outcome_seq IS NULL THEN 0.0
+                ELSE POWER(:gamma, turns_to_outcome - 1) END AS ret
+    FROM counted
+    ORDER BY conversation_id, state_seq, made_at IS NULL, made_at, suggestion_id, message_id
     """
 ).bindparams(bindparam("ids", expanding=True))
 
@@ -257,8 +303,10 @@ _DECISION_RETURNS = text(
 def decision_returns(
     session: Session, *, conversation_ids: Sequence[str], gamma: float, chunk: int = 500
 ) -> list[dict[str, object]]:
-    """Per business decision: conversation_id, step, message_id, seq, suggestion_id, reward,
-    ret (the Monte Carlo return), computed by the database."""
+    """Per decision, in order within each conversation: conversation_id, suggestion_id (or
+    None), message_id (the business turn, where no suggestion), state_seq, turn (business turns
+    before the state), outcome_seq (first outcome, or None), after_outcome (0/1), reward and ret
+    (the Monte Carlo return), computed by the database."""
     rows: list[dict[str, object]] = []
     for start in range(0, len(conversation_ids), chunk):
         ids = list(conversation_ids[start : start + chunk])

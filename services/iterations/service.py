@@ -80,14 +80,38 @@ def resolve_configs(
 
 
 def current_policy(session: Session, *, business_id: str | None) -> str:
-    """pi_i: the policy with the largest weight in the experiment serving this scope."""
+    """pi_i, the policy an automatic iteration improves: the newest of the lineage serving the
+    scope.
+
+    The rule: take the running experiment of the scope (a business's own, else the global one)
+    and its arms with a positive weight; drop every arm policy that is an ancestor of another
+    arm's policy (after approval the A/B runs pi_i as control and pi_{i+1} as treatment, so
+    pi_{i+1} is current, whatever the weights); of what remains, the largest weight, then the
+    most recently created. An operator who sets the treatment's weight to 0 makes the control
+    current again.
+    """
     experiment = None
     if business_id is not None:
         experiment = experiments.running_for_scope(session, scope=business_id)
     experiment = experiment or experiments.running_for_scope(session, scope=GLOBAL_SCOPE)
     if experiment is None or not experiment.arms:
         raise Conflict("no running experiment: name the policy to improve (parent_policy_id)")
-    return max(experiment.arms, key=lambda arm: arm.weight).policy_id
+    live = [arm for arm in experiment.arms if arm.weight > 0]
+    if not live:
+        raise Conflict(f"experiment {experiment.id} has no arm with a positive weight")
+    candidates = {
+        arm.policy_id: policies.get_policy(session, policy_id=arm.policy_id) for arm in live
+    }
+    ancestors = {
+        ancestor.id
+        for policy_id in candidates
+        for ancestor in policies.lineage(session, policy_id=policy_id)[1:]
+    }
+    newest = [arm for arm in live if arm.policy_id not in ancestors] or live
+    best = max(
+        newest, key=lambda arm: (arm.weight, candidates[arm.policy_id].created_at, arm.position)
+    )
+    return best.policy_id
 
 
 def create_iteration(

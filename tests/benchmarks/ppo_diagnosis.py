@@ -90,7 +90,7 @@ def fit_on_history(
     from workers.learning.configs import QFitConfig
     from workers.learning.examples import StepExample
     from workers.learning.q_model import fit_q
-    from workers.learning.returns import ReturnsConfig, monte_carlo_returns
+    from workers.learning.returns import ReturnsConfig
 
     gamma = ReturnsConfig().gamma
     system = business_prompt(scenario)
@@ -98,10 +98,9 @@ def fit_on_history(
     for record in simulate_offline(scenario, conversations, seed + 10_000, lambda _h: None).records:
         turns = [Turn(role, text) for role, text in record.transcript]
         decisions = [i for i, t in enumerate(turns) if t.role == "business"]
-        rewards = [0.0] * len(decisions)
-        if record.outcome and rewards:
-            rewards[-1] = 1.0
-        returns = monte_carlo_returns(rewards, gamma)
+        # The outcome absorbs: reward 1 on the last business turn, G = gamma^(turns left).
+        n = len(decisions)
+        returns = [gamma ** (n - 1 - t) if record.outcome else 0.0 for t in range(n)]
         for step, (i, ret) in enumerate(zip(decisions, returns, strict=True)):
             examples.append(
                 StepExample(

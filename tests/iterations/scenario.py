@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 GOOD = ["Shall we book a visit on Monday?", "I can book you in tomorrow, does 10am work?"]
 BAD = ["Please wait.", "We are busy, maybe later."]
@@ -35,3 +36,64 @@ def scenario_lines(business_id: str, n: int, seed: int = 0) -> list[str]:
             )
         )
     return lines
+
+
+def write_policy_logs(
+    store: Any,
+    business_id: str,
+    policy_id: str,
+    n: int,
+    *,
+    seed: int = 0,
+    epsilon: float = 0.0,
+) -> list[str]:
+    """The scenario as the suggestion API logs it under `policy_id`: each business reply is the
+    policy's suggestion, sent as is (with an exploration persona drawn with probability
+    epsilon); returns the conversation ids."""
+    from services.conversations import service as log
+    from services.conversations.models import EndReason, Speaker
+    from services.db import session_scope
+    from services.tenants.service import ensure_business
+
+    rng = random.Random(seed)
+    ids = []
+    with session_scope(store.factory) as session:
+        ensure_business(session, business_id=business_id)
+        for _ in range(n):
+            good = rng.random() < 0.5
+            reply = rng.choice(GOOD if good else BAD)
+            explored = rng.random() < epsilon
+            cid = log.create_conversation(session, business_id=business_id).row.id
+            common = {
+                "settings": store.settings,
+                "business_id": business_id,
+                "conversation_id": cid,
+            }
+            log.append_message(session, role=Speaker.CUSTOMER, text=rng.choice(OPENERS), **common)
+            suggestion = log.record_suggestion(
+                session,
+                text=reply,
+                policy_version=policy_id,
+                persona={"name": "brief", "instruction": "Be brief."} if explored else None,
+                propensity=epsilon / 2 if explored else 1.0 - epsilon,
+                **common,
+            ).row.id
+            log.append_message(
+                session, role=Speaker.BUSINESS, text=reply, suggestion_id=suggestion, **common
+            )
+            log.append_message(
+                session,
+                role=Speaker.CUSTOMER,
+                text="Ok, sounds good." if good else "Never mind.",
+                **common,
+            )
+            if good:
+                log.record_outcome(session, business_id=business_id, conversation_id=cid)
+            log.close_conversation(
+                session,
+                business_id=business_id,
+                conversation_id=cid,
+                reason=EndReason.OUTCOME if good else EndReason.CUSTOMER_LEFT,
+            )
+            ids.append(cid)
+    return ids

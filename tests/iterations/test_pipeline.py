@@ -13,15 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.app import create_app
-from services.conversations.jsonl import import_lines
 from services.db import session_scope
 from services.experiments.service import ArmSpec, create_experiment
 from services.generation.embedded import EmbeddedBackend
 from services.policies.models import PolicyStatus
 from services.policies.service import register_policy
+from services.tenants.service import ensure_business
 from tests.conftest import Store, auth
 from tests.factories import new_conversation, say
-from tests.iterations.scenario import scenario_lines
+from tests.iterations.scenario import write_policy_logs
 
 TINY_HYPER: dict[str, Any] = {
     "beta": 0.05,
@@ -41,10 +41,7 @@ def seed_world(
     business = f"it-{uuid.uuid4().hex[:8]}"
     policy = f"pi0-{business}"
     with session_scope(store.factory) as session:
-        report = import_lines(
-            session, scenario_lines(business, conversations), settings=store.settings
-        )
-        assert report.ok, report.errors
+        ensure_business(session, business_id=business)
         register_policy(
             session,
             policy_id=policy,
@@ -55,6 +52,7 @@ def seed_world(
         create_experiment(
             session, name="pi0", business_id=business, arms=[ArmSpec("control", policy, 1.0)]
         )
+    write_policy_logs(store, business, policy, conversations)
     return business, policy
 
 
