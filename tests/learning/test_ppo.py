@@ -156,6 +156,17 @@ def test_compute_gae_by_hand_on_three_tokens() -> None:
     assert returns[0].tolist() == pytest.approx([0.71712, 0.846, 1.0, 0.0])
 
 
+def test_default_gae_gives_the_first_token_the_whole_terminal_reward() -> None:
+    # Q arrives once, at the last of 64 tokens, and the value head starts at zero: with lam < 1
+    # the first token would see lam^63 of it (0.95^63 = 0.04), and learn nothing.
+    config = PPOConfig()
+    rewards = torch.zeros(1, 64)
+    rewards[0, -1] = 0.8
+    zeros, mask = torch.zeros(1, 64), torch.ones(1, 64)
+    advantages, _ = compute_gae(rewards, zeros, mask, config.gamma_tok, config.lam)
+    assert advantages[0].tolist() == pytest.approx([0.8] * 64)
+
+
 def test_policy_loss_by_hand_with_a_clipped_token() -> None:
     # Token 1: ratio e^0.5 = 1.6487 with A = +1 is clipped to 1.2: loss term -1.2.
     # Token 2: ratio e^-0.1 = 0.9048 with A = -2 is inside the range: 2 * 0.9048 = 1.8097.
@@ -306,7 +317,7 @@ def test_ppo_learns_the_toy_reward(
 
     before = mean_reward(tiny_model, parent)
     after = mean_reward(tiny_model, result.adapter_dir)
-    # Measured: 0.06 -> 0.46 with seed 0; seeds 1-4 reached 0.20 to 0.45.
+    # Measured (lam = 1): 0.06 -> 0.46 with seed 0; seeds 1-4 reached 0.38 to 0.46.
     assert after > before + 0.1, (before, after)
 
     # One adapter with the parent's shape, different weights, nothing else saved with it.

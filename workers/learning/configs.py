@@ -251,7 +251,14 @@ class PPOConfig(_PolicyImprovementConfig):
     gamma_tok: float = field(
         default=1.0, metadata={"help": "Per-token discount inside one reply (GAE gamma)."}
     )
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    lam: float = field(
+        default=1.0,
+        metadata={
+            "help": "GAE lambda. 1.0 for the single terminal reward Q: every token's advantage "
+            "is then the whole return minus its value, whereas lambda < 1 with the value head "
+            "starting at zero gives the first of 64 tokens lambda^63 of Q (0.95^63 = 0.04)."
+        },
+    )
     cliprange: float = field(
         default=0.2, metadata={"help": "Clip of the probability ratio in the surrogate."}
     )
