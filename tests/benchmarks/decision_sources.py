@@ -21,6 +21,7 @@ from pathlib import Path
 
 OLD_READER = r"""
 import json, sys
+sys.path.insert(0, sys.argv[3])  # the old tree before the installed (editable) one
 from collections import Counter
 from services.db import make_engine, make_session_factory, session_scope, utcnow
 from services.iterations.dataset import build_examples
@@ -137,10 +138,9 @@ def main() -> None:
         print(json.dumps(stats.as_dict(), indent=1))
     if args.old_tree is not None:
         old = subprocess.run(
-            [sys.executable, "-c", OLD_READER, url, PI0_ID],
+            [sys.executable, "-c", OLD_READER, url, PI0_ID, str(args.old_tree)],
             capture_output=True,
             text=True,
-            env={"PYTHONPATH": str(args.old_tree), "PATH": "/usr/bin:/bin"},
             check=True,
         )
         print("\n== before (the old dataset builder on the same window)")
