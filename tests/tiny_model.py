@@ -66,3 +66,30 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = fast.pad_token_id
     model.save_pretrained(str(directory))
     return directory
+
+
+# What a published base model's generation_config.json may say. generate() (and vLLM, unless
+# told otherwise) merges it into every sampling option a call leaves unset.
+OPINIONATED_GENERATION: dict[str, object] = {
+    "do_sample": True,
+    "temperature": 0.3,
+    "top_k": 5,
+    "min_p": 0.05,
+    "typical_p": 0.9,
+    "repetition_penalty": 1.3,
+    "no_repeat_ngram_size": 2,
+}
+
+
+def with_generation_config(model_dir: Path, directory: Path, **settings: object) -> Path:
+    """A copy of model_dir whose generation_config.json also says `settings`, as a published
+    base model's may (a repetition penalty, top_k, min_p, ...)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    shutil.copytree(model_dir, directory)
+    generation = GenerationConfig.from_pretrained(str(model_dir))
+    generation.update(**settings)
+    generation.save_pretrained(str(directory))
+    return directory

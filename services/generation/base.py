@@ -34,6 +34,14 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to sample: softmax(logits / temperature) cut to the top_p nucleus, nothing else.
+
+    Backends pin every other sampling option to its neutral value (whatever the model's
+    generation_config.json says), so that a completion's log-prob is of exactly this
+    distribution, the one policy improvement scores. temperature 0 is greedy. seed is honoured
+    by the embedded backend only: vLLM is never sent one (see vllm.py).
+    """
+
     max_new_tokens: int = 64
     temperature: float = 0.7
     top_p: float = 0.95

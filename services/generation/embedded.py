@@ -29,6 +29,7 @@ from services.generation.base import (
     GenerationResult,
 )
 from services.policies.prompt import ChatMessage
+from workers.learning.improve import NEUTRAL_GENERATION, neutralise_generation_config
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class EmbeddedBackend:
         self.base: Any = AutoModelForCausalLM.from_pretrained(
             str(base_model_path), dtype=getattr(torch, dtype)
         )
+        neutralise_generation_config(self.base)
         self.base.to(self.device)  # type: ignore[arg-type]
         self.base.eval()
         model_limit = int(getattr(self.base.config, "max_position_embeddings", max_context_tokens))
@@ -195,6 +197,7 @@ class EmbeddedBackend:
             torch.manual_seed(sampling.seed)
         do_sample = sampling.temperature > 0
         kwargs: dict[str, Any] = {
+            **NEUTRAL_GENERATION,
             "max_new_tokens": sampling.max_new_tokens,
             "do_sample": do_sample,
             "pad_token_id": self.tokenizer.pad_token_id,

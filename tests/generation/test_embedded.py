@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.generation.base import (
@@ -19,6 +21,7 @@ from services.generation.base import (
 )
 from services.generation.embedded import EmbeddedBackend
 from services.policies.prompt import ChatMessage
+from tests.tiny_model import OPINIONATED_GENERATION, with_generation_config
 
 PROMPT = [
     ChatMessage("system", "You write for a kitchen business."),
@@ -111,3 +114,45 @@ def test_missing_adapter_and_timeout_fail_clearly(
     ref = AdapterRef("pi0", str(tiny_adapters["zero"]))
     with pytest.raises(BackendTimeout):
         backend.generate(GenerationRequest(PROMPT, ref, GREEDY), timeout=0.0)
+
+
+def test_logged_logprob_is_the_stated_distribution_whatever_the_base_config_says(
+    tiny_model: Path,
+    tiny_adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opinionated = with_generation_config(tiny_model, tmp_path / "model", **OPINIONATED_GENERATION)
+    engine = EmbeddedBackend(opinionated, device="cpu", dtype="float32", batch_window_ms=0)
+    ref = AdapterRef("pi1", str(tiny_adapters["noisy"]))
+    engine.load_adapter(ref)
+    sampled: list[torch.Tensor] = []
+    real_generate = engine.model.generate
+
+    def generate_keeping_sequences(*args: Any, **kwargs: Any) -> Any:
+        out = real_generate(*args, **kwargs)
+        sampled.append(out.sequences)
+        return out
+
+    monkeypatch.setattr(engine.model, "generate", generate_keeping_sequences)
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=1.0, n=4, seed=3)
+    try:
+        result = engine.generate(GenerationRequest(PROMPT, ref, sampling), timeout=60)
+    finally:
+        engine.close()
+
+    # Recompute each completion's log-prob as softmax(logits / T) of base + adapter, loaded
+    # with plain peft. One prompt repeated n times: no padding in the batch.
+    [sequences] = sampled
+    prompt_length = engine.count_tokens(PROMPT)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(tiny_adapters["noisy"]))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=sequences).logits[:, prompt_length - 1 : -1]
+    logprobs = torch.log_softmax(logits / sampling.temperature, dim=-1)
+    tokens = sequences[:, prompt_length:]
+    token_logprobs = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    for row, completion in enumerate(result.completions):
+        expected = float(token_logprobs[row, : completion.num_tokens].sum())
+        assert completion.logprob == pytest.approx(expected, abs=1e-3), row

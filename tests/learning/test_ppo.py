@@ -3,10 +3,12 @@ on the tiny random model, the reference being pi_i, and a bounded smoke run on S
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,15 +19,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from services.policies.prompt import ChatMessage
 from tests.tiny_model import CORPUS
 from workers.learning.configs import PPOConfig, RLOOConfig
-from workers.learning.improve import HISTORY_FILE, improve_policy
+from workers.learning.improve import HISTORY_FILE, improve_policy, load_policy, load_tokenizer
 from workers.learning.ppo import (
+    REFERENCE_ADAPTER,
+    ValueHead,
     compute_gae,
+    entropy_of,
+    logprobs_of,
     masked_mean,
     masked_var,
     masked_whiten,
+    nucleus_mask,
     policy_loss,
     reply_forward,
+    reply_token_mask,
     sample_replies,
+    score_rollout,
+    token_rewards,
     value_loss,
 )
 
@@ -228,6 +238,107 @@ def test_masked_whiten_statistics_ignore_masked_entries() -> None:
     )
 
 
+def nucleus_by_loop(probs: list[float], top_p: float) -> set[int]:
+    """The most likely tokens, in order, while the mass taken so far is below top_p."""
+    kept: set[int] = set()
+    mass = 0.0
+    for token in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if kept and mass >= top_p:
+            break
+        kept.add(token)
+        mass += probs[token]
+    return kept
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.7, 0.95])
+def test_nucleus_mask_matches_a_python_loop_and_the_sampler(top_p: float) -> None:
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(int(top_p * 100))
+    logits = 2.0 * torch.randn(3, 4, 11, generator=generator)
+    nucleus = nucleus_mask(logits, top_p)
+    assert nucleus.shape == logits.shape and nucleus.dtype == torch.bool
+    for row, (dist_logits, dist_nucleus) in enumerate(
+        zip(logits.view(-1, 11), nucleus.view(-1, 11), strict=True)
+    ):
+        expected = nucleus_by_loop(torch.softmax(dist_logits, -1).tolist(), top_p)
+        assert set(torch.nonzero(dist_nucleus).flatten().tolist()) == expected, row
+    sampler_keeps = TopPLogitsWarper(top_p)(None, logits.view(-1, 11)) > -float("inf")  # type: ignore[arg-type]
+    assert torch.equal(nucleus.view(-1, 11), sampler_keeps)
+    assert nucleus_mask(logits, 1.0).all()
+
+
+def test_logprobs_and_entropy_over_a_nucleus_match_a_python_loop() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, generator=generator)
+    tokens = torch.randint(0, 7, (2, 3), generator=generator)
+    nucleus = torch.rand(2, 3, 7, generator=generator) > 0.5
+    nucleus.scatter_(-1, tokens.unsqueeze(-1), True)  # the token is always in its nucleus
+    logprobs = logprobs_of(logits, tokens, nucleus)
+    entropy = entropy_of(logits, nucleus)
+    for b in range(2):
+        for t in range(3):
+            kept = [v for v, keep in enumerate(nucleus[b, t].tolist()) if keep]
+            weights = {v: math.exp(logits[b, t, v].item()) for v in kept}
+            total = sum(weights.values())
+            probs = {v: w / total for v, w in weights.items()}
+            token = int(tokens[b, t])
+            assert logprobs[b, t].item() == pytest.approx(math.log(probs[token]), abs=1e-5)
+            expected_entropy = -sum(p * math.log(p) for p in probs.values())
+            assert entropy[b, t].item() == pytest.approx(expected_entropy, abs=1e-5)
+    assert torch.equal(logprobs_of(logits, tokens), logprobs_of(logits, tokens, None))
+    full = torch.ones_like(nucleus)
+    assert torch.allclose(logprobs_of(logits, tokens, full), logprobs_of(logits, tokens))
+    assert torch.allclose(entropy_of(logits, full), entropy_of(logits), atol=1e-6)
+
+
+def test_reply_token_mask_by_hand() -> None:
+    # End tokens 2 and 9. Row 0 ends at its third token and generate() pads after it; row 1 is
+    # cut at the length limit; row 2 ends at once; row 3 ends on the last allowed token.
+    replies = torch.tensor(
+        [
+            [5, 6, 2, 0, 0],
+            [5, 6, 7, 8, 5],
+            [9, 0, 0, 0, 0],
+            [5, 6, 7, 8, 9],
+        ]
+    )
+    assert reply_token_mask(replies, [2, 9]).tolist() == [
+        [1.0, 1.0, 1.0, 0.0, 0.0],
+        [1.0, 1.0, 1.0, 1.0, 1.0],
+        [1.0, 0.0, 0.0, 0.0, 0.0],
+        [1.0, 1.0, 1.0, 1.0, 1.0],
+    ]
+    # A second end token after the first changes nothing.
+    assert reply_token_mask(torch.tensor([[5, 2, 9, 2]]), [2, 9]).tolist() == [[1, 1, 0, 0]]
+
+
+def test_token_rewards_put_the_score_on_the_last_reply_token_only() -> None:
+    mask = torch.tensor(
+        [
+            [1.0, 1.0, 1.0, 0.0, 0.0],  # ended at its end token, index 2
+            [1.0, 1.0, 1.0, 1.0, 1.0],  # cut at max_new_tokens: the last generated token
+            [1.0, 0.0, 0.0, 0.0, 0.0],  # the end token came first
+        ]
+    )
+    kl = torch.tensor(
+        [
+            [0.1, -0.2, 0.3, 50.0, 50.0],  # values past the end must not count
+            [0.0, 0.1, 0.0, 0.2, 0.4],
+            [0.5, 9.0, 9.0, 9.0, 9.0],
+        ]
+    )
+    score = torch.tensor([2.0, -1.0, 0.5])
+    rewards = token_rewards(score, kl, mask, beta=0.1)
+    expected = [
+        [-0.01, 0.02, -0.03 + 2.0, 0.0, 0.0],
+        [0.0, -0.01, 0.0, -0.02, -0.04 - 1.0],
+        [-0.05 + 0.5, 0.0, 0.0, 0.0, 0.0],
+    ]
+    for row, want in zip(rewards.tolist(), expected, strict=True):
+        assert row == pytest.approx(want, abs=1e-6)
+
+
 # -- configuration and entry point ----------------------------------------------------------
 
 
@@ -422,3 +533,143 @@ def test_ppo_smoke_on_smollm2(tmp_path: Path) -> None:
     assert lora_weights(result.adapter_dir).keys() == lora_weights(pi0).keys()
     assert result.history and all(math.isfinite(v) for v in result.metrics.values())
     assert abs(result.history[0]["kl_ref"]) < 1e-3  # one rollout, taken before any update
+
+
+# -- the sampler and the scorer are one distribution ------------------------------------------
+
+
+def record_processed_scores(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Make model.generate also keep the scores it sampled from (after every logits processor);
+    the sampling itself is left alone. Returns the list the scores of each call land in."""
+    real_generate = model.generate
+    recorded: list[torch.Tensor] = []
+
+    def generate_keeping_scores(*args: Any, **kwargs: Any) -> Any:
+        generation = copy.deepcopy(kwargs.pop("generation_config"))
+        generation.return_dict_in_generate = True
+        generation.output_scores = True
+        out = real_generate(*args, generation_config=generation, **kwargs)
+        recorded.append(torch.stack(out.scores, dim=1))  # (B, C, V)
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", generate_keeping_scores)
+    return recorded
+
+
+def sampled_logprobs(scores: torch.Tensor, replies: torch.Tensor) -> torch.Tensor:
+    """log-probability of each sampled token under the distribution the sampler drew it from."""
+    return torch.log_softmax(scores, dim=-1).gather(-1, replies.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+@pytest.mark.usefixtures("one_thread")
+def test_sampler_and_scorer_agree_whatever_the_base_generation_config_says(
+    top_p: float,
+    opinionated_model: Path,
+    tiny_adapters: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rollout log-probs PPO scores are those of the distribution generate() sampled from
+    (after every logits processor it ran), with the nucleus when top_p < 1."""
+    temperature = 0.7
+    tokenizer = load_tokenizer(opinionated_model)
+    model = load_policy(opinionated_model, tiny_adapters["noisy"], "cpu")
+    model.load_adapter(str(tiny_adapters["noisy"]), REFERENCE_ADAPTER, is_trainable=False)
+    model.eval()
+    recorded = record_processed_scores(model, monkeypatch)
+    torch.manual_seed(0)
+    rollout = sample_replies(
+        model, tokenizer, TRAIN_PROMPTS[:6], max_new_tokens=12, temperature=temperature, top_p=top_p
+    )
+    [scores] = recorded
+    replies = rollout.input_ids[:, rollout.prompt_length :]
+    value_head = ValueHead(model.config.hidden_size)
+    logprobs, ref_logprobs, _, entropy, nucleus = score_rollout(
+        model, value_head, rollout, temperature, top_p, chunk_size=4
+    )
+    mask = rollout.reply_mask.bool()
+    assert torch.allclose(sampled_logprobs(scores, replies)[mask], logprobs[mask], atol=1e-4)
+    # The reference (here the same adapter) is scored over the same nucleus: a KL of zero.
+    assert torch.allclose(ref_logprobs[mask], logprobs[mask], atol=1e-5)
+    assert torch.isfinite(entropy).all()
+    if top_p < 1.0:
+        assert nucleus is not None
+        sampler_nucleus = scores > -float("inf")
+        assert torch.equal(nucleus[mask], sampler_nucleus[mask])
+        assert bool((nucleus[mask].sum(-1) < nucleus.shape[-1]).any()), "top_p must cut here"
+    else:
+        assert nucleus is None
+
+
+# -- PPO's mechanics on real rollouts ---------------------------------------------------------
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_rollout_mask_and_reward_placement_at_the_end_token_and_at_the_cut(
+    tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_policy(tiny_model, tiny_adapters["zero"], "cpu")
+    model.eval()
+    # A third of the vocabulary ends a reply, so that in 40 replies of at most 4 tokens some
+    # end at an end token and some are cut at the limit.
+    ends = sorted({*range(4, len(tokenizer), 3), tokenizer.eos_token_id})
+    model.get_base_model().generation_config.eos_token_id = ends
+    torch.manual_seed(0)
+    rollout = sample_replies(
+        model, tokenizer, TRAIN_PROMPTS * 2, max_new_tokens=4, temperature=1.0, top_p=1.0
+    )
+    replies = rollout.input_ids[:, rollout.prompt_length :].tolist()
+    q = torch.linspace(0.5, 1.0, len(replies))
+    rewards = token_rewards(q, torch.zeros_like(rollout.reply_mask), rollout.reply_mask, 0.1)
+    ended = cut = 0
+    for row, (reply, mask) in enumerate(zip(replies, rollout.reply_mask.tolist(), strict=True)):
+        first_end = next((i for i, token in enumerate(reply) if token in ends), None)
+        if first_end is None:  # cut at max_new_tokens: every token counts, Q on the last one
+            cut += 1
+            assert len(reply) == 4
+            last = 3
+        else:  # ended: tokens up to and including the end token, Q on the end token
+            ended += 1
+            last = first_end
+        assert mask == [1.0] * (last + 1) + [0.0] * (len(reply) - last - 1), row
+        expected_rewards = [0.0] * len(reply)
+        expected_rewards[last] = float(q[row])
+        assert rewards[row].tolist() == pytest.approx(expected_rewards), row
+    assert ended >= 5 and cut >= 5, (ended, cut)
+    reply_attention = rollout.attention_mask[:, rollout.prompt_length :]
+    assert torch.equal(reply_attention, rollout.reply_mask.long())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_row_scores_the_same_inside_a_left_padded_batch_as_alone(
+    tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    temperature = 0.7
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_policy(tiny_model, tiny_adapters["noisy"], "cpu")
+    model.eval()
+    prompts = [_prompt("Hi"), TRAIN_PROMPTS[0], _prompt(" ".join(_WORDS[:40])), _prompt("Thanks")]
+    torch.manual_seed(0)
+    rollout = sample_replies(
+        model, tokenizer, prompts, max_new_tokens=10, temperature=temperature, top_p=1.0
+    )
+    prompt_mask = rollout.attention_mask[:, : rollout.prompt_length]
+    assert len(set(prompt_mask.sum(dim=1).tolist())) == len(prompts), "prompt lengths differ"
+    with torch.no_grad():
+        batch_logprobs, _, batch_hidden = reply_forward(
+            model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, temperature
+        )
+        for row in range(len(prompts)):
+            prompt = rollout.input_ids[row, : rollout.prompt_length][prompt_mask[row].bool()]
+            reply = rollout.input_ids[row, rollout.prompt_length :]
+            ids = torch.cat([prompt, reply])[None]
+            attention = torch.cat([torch.ones_like(prompt), rollout.reply_mask[row].long()])[None]
+            alone_logprobs, _, alone_hidden = reply_forward(
+                model, ids, attention, len(prompt), temperature
+            )
+            mask = rollout.reply_mask[row].bool()
+            assert torch.allclose(batch_logprobs[row][mask], alone_logprobs[0][mask], atol=1e-4), (
+                row
+            )
+            assert torch.allclose(batch_hidden[row][mask], alone_hidden[0][mask], atol=1e-4), row

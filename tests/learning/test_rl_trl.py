@@ -3,9 +3,11 @@ reward, save one adapter with the parent's shape, and take pi_i (not the base) a
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,9 +21,11 @@ from tests.learning.test_ppo import (
     mean_reward,
     newline_reward,
     one_thread,  # noqa: F401  (a fixture, used by name below)
+    sampled_logprobs,
 )
 from workers.learning.configs import GRPOConfig, RLOOConfig
-from workers.learning.improve import Algorithm, improve_policy
+from workers.learning.improve import Algorithm, improve_policy, load_policy, load_tokenizer
+from workers.learning.rl_trl import _make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,3 +110,64 @@ def test_trl_kl_reference_is_the_parent_policy(
     first, second = result.history
     assert abs(first["kl"]) < 1e-6
     assert abs(second["kl"]) > 1e-6  # one update later the policy has moved away from pi_i
+
+
+@pytest.mark.parametrize("config_type", [RLOOConfig, GRPOConfig])
+def test_trl_refuses_a_nucleus_it_would_not_score(
+    config_type: type[RLOOConfig] | type[GRPOConfig],
+) -> None:
+    # TRL samples with top_p but scores softmax(logits / T) over the whole vocabulary: its
+    # ratios and KL would be of another distribution than the one sampled.
+    with pytest.raises(ValueError, match="TRL scores log-probs at temperature only"):
+        config_type(top_p=0.95)
+    assert config_type(top_p=1.0).top_p == 1.0
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_trl_samples_and_scores_one_distribution(
+    algorithm: Algorithm,
+    opinionated_model: Path,
+    tiny_adapters: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """TRL's sampler, as the trainer we build configures it, on a base whose generation_config
+    sets sampling defaults, against TRL's own scorer of the same tokens."""
+    from datasets import Dataset  # type: ignore[import-untyped]
+
+    temperature = 0.7
+    config = CONFIGS[algorithm](
+        num_steps=1, prompts_per_step=1, max_new_tokens=12, temperature=temperature, device="cpu"
+    )
+    tokenizer = load_tokenizer(opinionated_model)
+    model = load_policy(opinionated_model, tiny_adapters["noisy"], "cpu")
+    prompt = [m.as_dict() for m in TRAIN_PROMPTS[0]]
+    dataset = Dataset.from_list([{"prompt": prompt}])
+
+    def constant(completions: list[Any], **_: Any) -> list[float]:
+        return [0.0] * len(completions)
+
+    trainer = _make_trainer(config, str(tmp_path), model, tokenizer, constant, dataset, "cpu")
+    assert trainer.temperature == temperature
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    policy.eval()
+
+    # One prompt, four samples: no padding, so nothing but the distributions can differ.
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    encoded = tokenizer([text] * 4, return_tensors="pt", add_special_tokens=False)
+    generation = copy.deepcopy(trainer.generation_config)  # what TRL's generate() is given
+    generation.return_dict_in_generate = True
+    generation.output_scores = True
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = policy.generate(**encoded, generation_config=generation)
+    prompt_length = encoded["input_ids"].shape[1]
+    completions = out.sequences[:, prompt_length:]
+    is_end = torch.isin(completions, torch.tensor(trainer.eos_token_ids))
+    mask = (is_end.long().cumsum(dim=1) - is_end.long()) == 0
+    attention = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
+    with torch.no_grad():
+        scored, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, out.sequences, attention, completions.shape[1]
+        )
+    sampler = sampled_logprobs(torch.stack(out.scores, dim=1), completions)
+    assert torch.allclose(sampler[mask], scored[mask], atol=1e-4)

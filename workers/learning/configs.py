@@ -201,7 +201,12 @@ class _PolicyImprovementConfig:
         },
     )
     top_p: float = field(
-        default=1.0, metadata={"help": "Nucleus sampling mass of the rollouts (1.0 = off)."}
+        default=1.0,
+        metadata={
+            "help": "Nucleus sampling mass of the rollouts (1.0 = off); as served, so that the "
+            "policy improved is the one that acts. PPO scores log-probs over the same nucleus; "
+            "RLOO and GRPO (TRL) cannot and refuse top_p < 1."
+        },
     )
     beta: float = field(
         default=0.05,
@@ -348,6 +353,13 @@ class _GroupSamplingConfig(_PolicyImprovementConfig):
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be at least 2, not {self.num_generations}")
+        if self.top_p < 1.0:
+            # TRL samples with top_p but computes every log-prob (ratios, KL) as
+            # log_softmax(logits / T) over the whole vocabulary (trl 1.16 add_fused_lm_head).
+            raise ValueError(
+                f"top_p={self.top_p}: TRL scores log-probs at temperature only, not over the "
+                "top_p nucleus it samples from; serve with top_p=1.0 or use ppo"
+            )
 
 
 @dataclass(frozen=True)

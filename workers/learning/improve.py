@@ -131,7 +131,47 @@ def improve_policy(
     return ImproveResult(adapter_dir=output_dir, metrics=metrics, history=history)
 
 
-# -- helpers shared by ppo.py and rl_trl.py ---------------------------------------------------
+# -- helpers shared by ppo.py, rl_trl.py and the embedded server -----------------------------
+
+# Every option of transformers' generate() that changes which token is drawn, at the value that
+# leaves the distribution alone. generate() fills each option a call leaves unset from the
+# model's generation_config.json, where a published model may ask for a repetition penalty,
+# typical_p, min_p, ...: then neither the log-prob the embedded server logs with a suggestion
+# nor the log-probs policy improvement scores would be those of the sampled distribution.
+# These values do not change greedy decoding either, so they are pinned on every call. Options
+# whose neutral value is None (min_p, top_h, min_new_tokens, suppress_tokens, ...) cannot be
+# pinned by a call: `neutralise_generation_config` clears them in the model's own config.
+# top_k is not here: its neutral value 0 is meaningful only when sampling (transformers warns
+# otherwise), so every sampling call passes top_k=0 itself (transformers' default is 50).
+NEUTRAL_GENERATION: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "guidance_scale": 1.0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+}
+
+
+def neutralise_generation_config(model: Any) -> None:
+    """Replace model.generation_config, as read from generation_config.json, by transformers'
+    plain defaults with NEUTRAL_GENERATION, keeping only the special token ids: generate() then
+    samples softmax(logits / temperature), cut to top_p, and nothing else the model asks for."""
+    from transformers import GenerationConfig
+
+    loaded = model.generation_config
+    neutral = GenerationConfig(
+        bos_token_id=loaded.bos_token_id,
+        eos_token_id=loaded.eos_token_id,
+        pad_token_id=loaded.pad_token_id,
+        **NEUTRAL_GENERATION,
+    )
+    model.generation_config = neutral
 
 
 def resolve_device(device: str) -> str:
@@ -154,12 +194,18 @@ def load_tokenizer(base_model: Path) -> PreTrainedTokenizerBase:
 
 
 def load_policy(base_model: Path, parent_adapter: Path, device: str) -> PeftModel:
-    """The base model (float32, frozen) with the parent adapter as the trainable "default"."""
+    """The base model (float32, frozen) with the parent adapter as the trainable "default".
+
+    The base's generation_config.json is set aside (see `neutralise_generation_config`): our
+    PPO and TRL sample through generate(), which would otherwise apply whatever it asks for (a
+    repetition penalty, min_p, ...) while the log-probs are scored as softmax(logits / T).
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    neutralise_generation_config(base)
     model = PeftModel.from_pretrained(
         base, str(parent_adapter), adapter_name=POLICY_ADAPTER, is_trainable=True
     )

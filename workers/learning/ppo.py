@@ -19,8 +19,13 @@ pass yields both log-probs and values, half the cost of a separate critic model,
 on CPU; the price is that the value loss also moves the LoRA weights, bounded by vf_coef. The
 head starts at zero for each improvement (Q changes every iteration) and is not saved.
 
-Everything runs in eval mode: dropout off, so the sampling policy, the rollout log-probs and
-the updated log-probs are one distribution. Log-probs use the sampling temperature.
+Sampling and scoring are one distribution. Everything runs in eval mode (dropout off); the
+base's generation_config.json is set aside and every sampling option pinned (improve.py,
+`NEUTRAL_GENERATION`), so the sampler draws from softmax(logits / T) cut to the top_p nucleus,
+as the embedded server does. Log-probs use the same temperature and, when top_p < 1, the same
+nucleus: taken from the policy's logits at rollout time and then kept fixed per token for the
+rollout, updated and reference log-probs alike, each renormalised over it, so every ratio and
+KL is between distributions on the same support and finite.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from torch import Tensor, nn
 from services.policies.prompt import ChatMessage
 from workers.learning.configs import PPOConfig
 from workers.learning.improve import (
+    NEUTRAL_GENERATION,
     POLICY_ADAPTER,
     ProgressFn,
     RewardFn,
@@ -128,15 +134,61 @@ def value_loss(
     return loss, clipfrac.detach()
 
 
-def logprobs_of(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Log-probability of each token under its logits: (B, T, V), (B, T) -> (B, T)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def nucleus_mask(logits: Tensor, top_p: float) -> Tensor:
+    """The tokens nucleus (top-p) sampling may draw from each distribution: (..., V) -> bool.
+
+    The most likely tokens, in order, until their probability reaches top_p; always at least
+    one. As transformers' TopPLogitsWarper (which the sampler runs after the temperature, so
+    pass logits / T): a token is dropped when it and the tokens less likely than it hold at
+    most 1 - top_p of the mass.
+    """
+    if top_p >= 1.0:
+        return torch.ones_like(logits, dtype=torch.bool)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    mass_up_to = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = mass_up_to <= 1.0 - top_p
+    drop_sorted[..., -1] = False  # the most likely token always stays
+    return ~drop_sorted.scatter(-1, order, drop_sorted)
 
 
-def entropy_of(logits: Tensor) -> Tensor:
-    """Entropy of each position's distribution: (B, T, V) -> (B, T)."""
+def _restricted(logits: Tensor, nucleus: Tensor | None) -> Tensor:
+    """logits with the tokens outside the nucleus made impossible (finite, so that entropy's
+    0 * logit stays 0 rather than NaN)."""
+    if nucleus is None:
+        return logits
+    return logits.masked_fill(~nucleus, torch.finfo(logits.dtype).min)
+
+
+def logprobs_of(logits: Tensor, tokens: Tensor, nucleus: Tensor | None = None) -> Tensor:
+    """Log-probability of each token under its logits: (B, T, V), (B, T) -> (B, T); with a
+    nucleus (B, T, V), under the distribution renormalised over it."""
+    log_probs = torch.log_softmax(_restricted(logits, nucleus), dim=-1)
+    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: Tensor, nucleus: Tensor | None = None) -> Tensor:
+    """Entropy of each position's distribution (renormalised over the nucleus, if given):
+    (B, T, V) -> (B, T)."""
+    logits = _restricted(logits, nucleus)
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def reply_token_mask(replies: Tensor, end_ids: Sequence[int]) -> Tensor:
+    """1.0 on each reply's tokens up to and including its first end token, 0.0 after it; a
+    reply with no end token (cut at max_new_tokens) is all ones: (B, C) -> (B, C) float."""
+    is_end = torch.isin(replies, torch.tensor(list(end_ids), device=replies.device)).long()
+    ended_before = (is_end.cumsum(dim=1) - is_end) > 0
+    return (~ended_before).float()
+
+
+def token_rewards(score: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """Per-token rewards (B, C): -beta * kl on every reply token, plus each reply's score (B,)
+    at its last reply token (the end token, or the last one generated when it was cut)."""
+    rewards = -beta * kl * mask
+    last = mask.sum(dim=1).long() - 1
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += score
+    return rewards
 
 
 # -- model pieces -----------------------------------------------------------------------------
@@ -176,7 +228,11 @@ def sample_replies(
     top_p: float,
 ) -> Rollout:
     """Sample one reply per prompt from the model's active adapter, as the suggestion API would
-    render the prompt (the chat template with the generation prompt)."""
+    render the prompt (the chat template with the generation prompt).
+
+    Every sampling option a call can pin is pinned; those it can only leave unset (min_p, ...)
+    come from the model's generation_config, which `load_policy` makes neutral.
+    """
     from transformers import GenerationConfig
 
     texts = [
@@ -190,6 +246,7 @@ def sample_replies(
     encoded = encoded.to(device)
     end_ids = _end_token_ids(model, tokenizer)
     generation = GenerationConfig(
+        **NEUTRAL_GENERATION,
         max_new_tokens=max_new_tokens,
         do_sample=True,
         temperature=temperature,
@@ -202,11 +259,8 @@ def sample_replies(
         sequences = model.generate(**encoded, generation_config=generation)
     prompt_length = int(encoded["input_ids"].shape[1])
     replies = sequences[:, prompt_length:]
-    is_end = torch.isin(replies, torch.tensor(end_ids, device=device))
-    # Keep tokens up to and including the first end token; a reply cut at max_new_tokens keeps
-    # all of them and is scored as written.
-    ended_before = (is_end.long().cumsum(dim=1) - is_end.long()) > 0
-    reply_mask = (~ended_before).float()
+    # A reply cut at max_new_tokens keeps all its tokens and is scored as written.
+    reply_mask = reply_token_mask(replies, end_ids)
     lengths = reply_mask.sum(dim=1).long().tolist()
     reply_texts = [
         str(tokenizer.decode(row[:length], skip_special_tokens=True))
@@ -216,16 +270,16 @@ def sample_replies(
     return Rollout(sequences, attention_mask, reply_mask, prompt_length, reply_texts)
 
 
-def reply_forward(
+def reply_logits(
     model: Any,
     input_ids: Tensor,
     attention_mask: Tensor,
     prompt_length: int,
     temperature: float,
     adapter: str | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per reply token: log-prob and entropy under the model (temperature-scaled), and the
-    final hidden state of the state before the token. adapter picks a peft adapter per row."""
+) -> tuple[Tensor, Tensor]:
+    """The logits / T that predict each reply token (B, C, V) and the final hidden state of the
+    state before each reply token (B, C, H). adapter picks a peft adapter per row."""
     reply_length = input_ids.shape[1] - prompt_length
     extra = {"adapter_names": [adapter] * input_ids.shape[0]} if adapter else {}
     output = model(
@@ -236,20 +290,48 @@ def reply_forward(
         logits_to_keep=reply_length + 1,  # only the logits that predict reply tokens
         **extra,
     )
-    logits = output.logits[:, :-1] / temperature
-    logprobs = logprobs_of(logits, input_ids[:, prompt_length:])
-    with torch.no_grad():
-        entropy = entropy_of(logits)
     hidden = output.hidden_states[-1][:, prompt_length - 1 : -1]
+    return output.logits[:, :-1] / temperature, hidden
+
+
+def reply_forward(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_length: int,
+    temperature: float,
+    adapter: str | None = None,
+    nucleus: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per reply token: log-prob and entropy under the model at temperature T (renormalised
+    over nucleus (B, C, V), if given), and the final hidden state of the state before it."""
+    logits, hidden = reply_logits(
+        model, input_ids, attention_mask, prompt_length, temperature, adapter
+    )
+    logprobs = logprobs_of(logits, input_ids[:, prompt_length:], nucleus)
+    with torch.no_grad():
+        entropy = entropy_of(logits, nucleus)
     return logprobs, entropy, hidden
 
 
 def score_rollout(
-    model: Any, value_head: ValueHead, rollout: Rollout, temperature: float, chunk_size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    model: Any,
+    value_head: ValueHead,
+    rollout: Rollout,
+    temperature: float,
+    top_p: float,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Log-probs under the policy and under pi_i, values and entropies of the rollout's reply
-    tokens, without gradients, chunk_size rows at a time (bounds activation memory)."""
+    tokens, and the nucleus they are renormalised over (None when top_p is 1), without
+    gradients, chunk_size rows at a time (bounds activation memory).
+
+    The nucleus is the sampler's: top_p of the policy's logits / T at rollout time. It also
+    holds each sampled token, which a recomputation that differs from generate()'s cached one
+    in the last bits could otherwise drop at the nucleus' edge (a log-prob of -inf).
+    """
     parts: list[tuple[Tensor, ...]] = []
+    nuclei: list[Tensor] = []
     with torch.no_grad():
         for start in range(0, rollout.input_ids.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -259,13 +341,22 @@ def score_rollout(
                 rollout.prompt_length,
                 temperature,
             )
-            logprobs, entropy, hidden = reply_forward(model, *args)
-            ref_logprobs, _, _ = reply_forward(model, *args, adapter=REFERENCE_ADAPTER)
+            logits, hidden = reply_logits(model, *args)
+            tokens = rollout.input_ids[rows, rollout.prompt_length :]
+            nucleus = None
+            if top_p < 1.0:
+                nucleus = nucleus_mask(logits, top_p).scatter(-1, tokens.unsqueeze(-1), True)
+                nuclei.append(nucleus)
+            logprobs = logprobs_of(logits, tokens, nucleus)
+            entropy = entropy_of(logits, nucleus)
+            ref_logprobs, _, _ = reply_forward(
+                model, *args, adapter=REFERENCE_ADAPTER, nucleus=nucleus
+            )
             parts.append((logprobs, ref_logprobs, value_head(hidden), entropy))
     logprobs, ref_logprobs, values, entropy = (
         torch.cat(column) for column in zip(*parts, strict=True)
     )
-    return logprobs, ref_logprobs, values, entropy
+    return logprobs, ref_logprobs, values, entropy, torch.cat(nuclei) if nuclei else None
 
 
 def _end_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -339,8 +430,13 @@ def train_ppo(
         q = torch.tensor(checked_rewards(reward_fn(batch, rollout.texts), len(batch)))
         q = q.to(device)
         mask = rollout.reply_mask
-        old_logprobs, ref_logprobs, old_values, entropy = score_rollout(
-            model, value_head, rollout, config.temperature, config.minibatch_size
+        old_logprobs, ref_logprobs, old_values, entropy, nucleus = score_rollout(
+            model,
+            value_head,
+            rollout,
+            config.temperature,
+            config.top_p,
+            config.minibatch_size,
         )
         with torch.no_grad():
             # 2. Per-token rewards: the KL penalty to pi_i everywhere, Q at the last token.
@@ -350,9 +446,7 @@ def train_ppo(
                 score = masked_whiten(score, torch.ones_like(score))
             if config.score_clip is not None:
                 score = score.clamp(-config.score_clip, config.score_clip)
-            rewards = -config.beta * kl
-            last = mask.sum(dim=1).long() - 1
-            rewards[torch.arange(len(batch), device=device), last] += score
+            rewards = token_rewards(score, kl, mask, config.beta)
             advantages, returns = compute_gae(
                 rewards, old_values, mask, config.gamma_tok, config.lam
             )
@@ -375,6 +469,7 @@ def train_ppo(
                     rollout.attention_mask[rows],
                     rollout.prompt_length,
                     config.temperature,
+                    nucleus=None if nucleus is None else nucleus[rows],
                 )
                 values = value_head(hidden)
                 pg_loss, clipfrac, approx_kl = policy_loss(

@@ -23,6 +23,7 @@ from typing import Any
 from services.policies.prompt import ChatMessage
 from workers.learning.configs import GRPOConfig, RLOOConfig
 from workers.learning.improve import (
+    NEUTRAL_GENERATION,
     ProgressFn,
     RewardFn,
     checked_rewards,
@@ -129,9 +130,15 @@ def _make_trainer(
         "gradient_accumulation_steps": 1,
         "num_generations": config.num_generations,
         "max_completion_length": config.max_new_tokens,
+        # TRL samples and scores at this one temperature (its fused LM head divides by it).
+        # Every other sampling option is pinned neutral, here and in the model's own
+        # generation_config (load_policy), which generate() would otherwise merge in.
         "temperature": config.temperature,
-        "top_p": config.top_p,
+        "top_p": config.top_p,  # 1.0: the config refuses a nucleus TRL would not score
         "top_k": 0,
+        "min_p": None,
+        "repetition_penalty": 1.0,
+        "generation_kwargs": dict(NEUTRAL_GENERATION),
         "beta": config.beta,
         "epsilon": config.epsilon,
         "num_iterations": config.num_iterations,
