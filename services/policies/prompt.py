@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+
+from workers.learning.chat import ChatMessage as ChatMessage
+from workers.learning.chat import ChatRole as ChatRole
+from workers.learning.chat import Turn as Turn
+from workers.learning.chat import chat_turns as chat_turns
 
 ABSTAIN_MARKER = "[ABSTAIN]"
 
@@ -26,25 +30,6 @@ DEFAULT_SYSTEM_PROMPT = (
 ABSTAIN_INSTRUCTION = (
     f"If the business should not send anything now, answer exactly {ABSTAIN_MARKER}."
 )
-
-ChatRole = Literal["system", "user", "assistant"]
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: ChatRole
-    content: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One logged message of the state: role is 'customer' or 'business'."""
-
-    role: str
-    text: str
 
 
 @dataclass(frozen=True)
@@ -65,19 +50,6 @@ def system_prompt(
         parts.append(persona_instruction)
     parts.append(ABSTAIN_INSTRUCTION)
     return " ".join(parts)
-
-
-def chat_turns(turns: Sequence[Turn]) -> list[ChatMessage]:
-    """Map the log to chat roles, merging consecutive messages of one side (templates want
-    alternation)."""
-    merged: list[ChatMessage] = []
-    for turn in turns:
-        role: ChatRole = "user" if turn.role == "customer" else "assistant"
-        if merged and merged[-1].role == role:
-            merged[-1] = ChatMessage(role, merged[-1].content + "\n" + turn.text)
-        else:
-            merged.append(ChatMessage(role, turn.text))
-    return merged
 
 
 def build_prompt(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.policies.prompt import Turn
+from workers.learning.chat import Turn
 
 
 @dataclass(frozen=True)

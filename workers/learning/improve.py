@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from services.policies.prompt import ChatMessage
+from workers.learning.chat import ChatMessage
 from workers.learning.configs import GRPOConfig, PPOConfig, RLOOConfig
 
 if TYPE_CHECKING:

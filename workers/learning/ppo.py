@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from services.policies.prompt import ChatMessage
+from workers.learning.chat import ChatMessage
 from workers.learning.configs import PPOConfig
 from workers.learning.improve import (
     NEUTRAL_GENERATION,

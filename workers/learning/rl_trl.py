@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.policies.prompt import ChatMessage
+from workers.learning.chat import ChatMessage
 from workers.learning.configs import GRPOConfig, RLOOConfig
 from workers.learning.improve import (
     NEUTRAL_GENERATION,
