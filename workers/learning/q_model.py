@@ -44,7 +44,7 @@ from transformers import (
     set_seed,
 )
 
-from services.policies.prompt import ChatMessage, Turn, chat_turns
+from workers.learning.chat import ChatMessage, Turn, chat_turns
 from workers.learning.configs import QFitConfig
 from workers.learning.examples import StepExample
 
