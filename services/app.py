@@ -19,11 +19,12 @@ from services import metrics
 from services import models as _all_tables  # noqa: F401  (every table known to the ORM)
 from services.conversations.endpoints import router as conversations_router
 from services.db import make_engine, make_session_factory
-from services.errors import DomainError
+from services.errors import DomainError, describe_validation_error
 from services.experiments.endpoints import router as experiments_router
 from services.generation.base import GenerationBackend
 from services.generation.factory import BackendHolder, ModelNotPrepared
 from services.iterations.endpoints import router as iterations_router
+from services.iterations.runner import CeleryRunner, StepRunner
 from services.policies.endpoints import router as policies_router
 from services.settings import Settings, get_settings
 from services.suggestions.endpoints import router as suggestions_router
@@ -32,18 +33,21 @@ from services.tenants.endpoints import router as businesses_router
 log = logging.getLogger(__name__)
 
 
-def _describe_validation_error(error: dict[str, Any]) -> str:
-    location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-    if error.get("type") == "json_invalid":
-        return f"malformed JSON: {error.get('ctx', {}).get('error', error.get('msg'))}"
-    return f"{location or 'body'}: {error.get('msg')}"
-
-
 def create_app(
-    settings: Settings | None = None, *, backend: GenerationBackend | None = None
+    settings: Settings | None = None,
+    *,
+    backend: GenerationBackend | None = None,
+    runner: StepRunner | None = None,
 ) -> FastAPI:
-    """Build the app; `backend` overrides the configured generation backend (tests)."""
+    """Build the app; `backend` overrides the configured generation backend (tests).
+
+    `runner` is where iteration steps run. Unset: Celery when `settings.runner` is celery;
+    otherwise none, and the iteration endpoints that start a step answer 503 (`outcomeloop
+    serve` hands in the in-process runner: the API itself never imports the workers).
+    """
     settings = settings or get_settings()
+    if runner is None and settings.runner == "celery":
+        runner = CeleryRunner(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +83,7 @@ def create_app(
         description="Suggested responses that drive conversation outcomes.",
         lifespan=lifespan,
     )
+    app.state.runner = runner
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
@@ -86,7 +91,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [_describe_validation_error(dict(e)) for e in exc.errors()]
+        problems = [describe_validation_error(e) for e in exc.errors()]
         return JSONResponse(
             status_code=422,
             content={"detail": "; ".join(problems), "errors": jsonable_errors(exc)},

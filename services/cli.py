@@ -18,7 +18,10 @@ from services.db import make_engine, make_session_factory, session_scope
 from services.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from services.iterations.models import Iteration
+    from fastapi import FastAPI
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from services.iterations.models import Iteration, Step
 
 app = typer.Typer(
     help="outcomeloop: suggested responses that drive conversation outcomes.", no_args_is_help=True
@@ -299,24 +302,36 @@ def _iteration_table(iterations: Sequence[Iteration]) -> Table:
     return table
 
 
-def _follow(factory, settings: Settings, iteration_id: str) -> None:  # type: ignore[no-untyped-def]
-    """Show an iteration's progress until it stops moving (awaiting approval or finished)."""
+def _run_steps(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    iteration_id: str,
+    step: Step,
+    *,
+    wait: bool,
+) -> None:
+    """Hand `step` to this deployment's runner, with a progress bar until the iteration stops
+    moving (in this process the runner blocks; on Celery, `wait` follows the workers)."""
     import time
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from services.iterations.service import get_iteration
+    from workers.runner import runner_for
 
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err) as progress:
         task = progress.add_task("queued", total=1.0)
-        while True:
+
+        def show(_: str = iteration_id) -> str:
             with session_scope(factory) as session:
                 it = get_iteration(session, iteration_id=iteration_id)
-                status, step, fraction = it.status, it.current_step, it.progress
-            progress.update(task, completed=fraction, description=f"{status}: {step or ''}")
-            if status not in ("queued", "running"):
-                break
+                status, current, fraction = it.status, it.current_step, it.progress
+            progress.update(task, completed=fraction, description=f"{status}: {current or ''}")
+            return status
+
+        runner_for(settings, factory, blocking=True, heartbeat=show).submit(iteration_id, step)
+        while wait and show() in ("queued", "running"):
             time.sleep(1.0)
     _show_iteration(factory, iteration_id)
 
@@ -354,12 +369,18 @@ def iterate_create(
     parent: Annotated[str | None, typer.Option(help="pi_i (default: serving policy).")] = None,
     max_prompts: Annotated[int | None, typer.Option(help="Prompts for improvement.")] = None,
     override_gate: Annotated[bool, typer.Option(help="Improve even if Q is weak.")] = False,
-    wait: Annotated[bool, typer.Option(help="Follow progress until it stops.")] = True,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            help="On Celery, follow progress until it stops (steps that run in this process "
+            "always finish first)."
+        ),
+    ] = True,
 ) -> None:
     """Start a policy iteration; it stops at awaiting_approval for an operator."""
     from services.errors import DomainError
-    from services.iterations.dispatch import enqueue
     from services.iterations.models import Step
+    from services.iterations.schemas import parse_iteration_request
     from services.iterations.service import create_iteration
 
     hyper: dict[str, object] = {
@@ -373,42 +394,29 @@ def iterate_create(
         }.items()
         if v is not None
     }
-    if q_kind:
+    if q_kind is not None:
         hyper["q"] = {"kind": q_kind}
     data: dict[str, object] = {"override_gate": override_gate}
-    if business:
+    if business is not None:
         data["business_id"] = business
-    if max_prompts:
+    if max_prompts is not None:
         data["max_prompts"] = max_prompts
+    raw = {"algorithm": algorithm, "hyperparameters": hyper, "data": data}
+    if parent is not None:
+        raw["parent_policy_id"] = parent
+    try:  # validated as the API validates its body, before anything is stored
+        request = parse_iteration_request(raw)
+    except DomainError as exc:
+        raise _fail(exc.message) from None
     settings = _settings()
     factory = _prepared_store(settings)
     try:
         with session_scope(factory) as session:
-            iteration_id = create_iteration(
-                session,
-                algorithm=algorithm,
-                hyperparameters=hyper,
-                data=data,
-                parent_policy_id=parent,
-            ).id
+            iteration_id = create_iteration(session, settings=settings, request=request).id
     except DomainError as exc:
         raise _fail(exc.message) from None
     out.print(f"iteration {iteration_id} created")
-    if settings.runner == "inline":
-        import threading
-
-        from workers.pipeline import run_inline
-
-        runner = threading.Thread(
-            target=run_inline, args=(factory, settings, iteration_id, Step.RETURNS), daemon=True
-        )
-        runner.start()
-        _follow(factory, settings, iteration_id)
-        runner.join()
-        return
-    enqueue(settings, factory, iteration_id, Step.RETURNS)
-    if wait:
-        _follow(factory, settings, iteration_id)
+    _run_steps(settings, factory, iteration_id, Step.RETURNS, wait=wait)
 
 
 @iterate_app.command("list")
@@ -436,7 +444,6 @@ def iterate_show(iteration_id: str) -> None:
 def _iteration_action(iteration_id: str, action: str, wait: bool = True, **kw: bool) -> None:
     from services.errors import DomainError
     from services.iterations import service
-    from services.iterations.dispatch import enqueue
     from services.iterations.models import Step
 
     settings = _settings()
@@ -453,17 +460,10 @@ def _iteration_action(iteration_id: str, action: str, wait: bool = True, **kw: b
                 getattr(service, action)(session, iteration_id=iteration_id)
     except DomainError as exc:
         raise _fail(exc.message) from None
-    if next_step is not None:
-        if settings.runner == "inline":
-            from workers.pipeline import run_inline
-
-            run_inline(factory, settings, iteration_id, next_step)
-        else:
-            enqueue(settings, factory, iteration_id, next_step)
-            if wait:
-                _follow(factory, settings, iteration_id)
-                return
-    _show_iteration(factory, iteration_id)
+    if next_step is None:
+        _show_iteration(factory, iteration_id)
+        return
+    _run_steps(settings, factory, iteration_id, next_step, wait=wait)
 
 
 @iterate_app.command("approve")
@@ -760,6 +760,16 @@ def export_file(
     err.print(f"exported {count} conversation(s)")
 
 
+def api_app() -> FastAPI:
+    """The app `outcomeloop serve` runs, once per uvicorn worker process: the API, handed the
+    step runner the settings name (the API itself never imports the workers)."""
+    from services.app import create_app
+    from workers.runner import runner_for
+
+    settings = get_settings()
+    return create_app(settings, runner=runner_for(settings))
+
+
 @app.command("serve")
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
@@ -773,7 +783,7 @@ def serve(
     if settings.is_embedded and workers > 1:
         raise _fail("the embedded SQLite store serves one worker; set OUTCOMELOOP_DATABASE_URL")
     uvicorn.run(
-        "services.app:create_app",
+        "services.cli:api_app",  # an import string: each worker process builds its own app
         factory=True,
         host=host,
         port=port,

@@ -35,6 +35,7 @@ from services.experiments.report import ArmResult, experiment_results
 from services.experiments.service import ArmSpec, create_experiment, stop_experiment
 from services.iterations import service as iterations
 from services.iterations.models import Step
+from services.iterations.schemas import parse_iteration_request
 from services.migrate import upgrade
 from services.policies.bootstrap import PI0_ID, prepare
 from services.settings import Settings
@@ -361,28 +362,6 @@ def _phase(
     return Phase(name, experiment_id, arms, time.monotonic() - started, scores)
 
 
-def _run_steps(
-    factory: Any,
-    settings: Settings,
-    iteration_id: str,
-    step: Step,
-    number: int,
-    progress: Callable[[str, float], None],
-) -> None:
-    """Run the iteration's steps in a thread of this process, reporting progress."""
-    from workers.pipeline import run_inline
-
-    runner = threading.Thread(
-        target=run_inline, args=(factory, settings, iteration_id, step), daemon=True
-    )
-    runner.start()
-    while runner.is_alive():
-        with session_scope(factory) as session:
-            it = iterations.get_iteration(session, iteration_id=iteration_id)
-            progress(f"iteration {number}: {it.current_step or it.status}", it.progress)
-        runner.join(timeout=1.0)
-
-
 def _iterate(
     settings: Settings,
     factory: Any,
@@ -393,39 +372,45 @@ def _iterate(
     progress: Callable[[str, float], None],
     notes: list[str],
 ) -> IterationSummary:
-    from workers.pipeline import run_inline
+    from workers.runner import BlockingRunner
 
+    def heartbeat(iteration_id: str) -> None:
+        with session_scope(factory) as session:
+            it = iterations.get_iteration(session, iteration_id=iteration_id)
+            progress(f"iteration {number}: {it.current_step or it.status}", it.progress)
+
+    # The demo runs every step in this process, reporting progress while it waits.
+    runner = BlockingRunner(settings, factory, heartbeat=heartbeat)
     status(f"iteration {number}: returns -> Q -> PPO on {parent}")
     started = time.monotonic()
-    with session_scope(factory) as session:
-        iteration_id = iterations.create_iteration(
-            session,
-            algorithm="ppo",
-            hyperparameters={
+    request = parse_iteration_request(
+        {
+            "algorithm": "ppo",
+            "hyperparameters": {
                 **config.ppo,
                 "q": {"kind": config.q_kind, **({"max_length": 128} if config.quick else {})},
             },
-            data={
-                "business_id": BUSINESS,
-                "max_prompts": 64,
-                "eval_fraction": 0.25,
-            },
-            parent_policy_id=parent,
-            trigger="demo",
+            "data": {"business_id": BUSINESS, "max_prompts": 64, "eval_fraction": 0.25},
+            "parent_policy_id": parent,
+        }
+    )
+    with session_scope(factory) as session:
+        iteration_id = iterations.create_iteration(
+            session, settings=settings, request=request, trigger="demo"
         ).id
-    _run_steps(factory, settings, iteration_id, Step.RETURNS, number, progress)
+    runner.submit(iteration_id, Step.RETURNS)
+    resume: Step | None = None
     with session_scope(factory) as session:
         it = iterations.get_iteration(session, iteration_id=iteration_id)
-        gate_failed = it.status == "failed" and it.current_step == Step.EVALUATE_Q.value
-        if gate_failed:
+        if it.status == "failed" and it.current_step == Step.EVALUATE_Q.value:
             notes.append(
                 f"iteration {number}: {it.error}. The demo overrides the Q gate to show the "
                 "whole loop; an operator would decide (retry with override_gate)"
             )
-            iterations.retry(session, iteration_id=iteration_id, override_gate=True)
-    if gate_failed:
+            resume = iterations.retry(session, iteration_id=iteration_id, override_gate=True)
+    if resume is not None:
         status(f"iteration {number}: Q gate failed; overridden by the demo (see notes)")
-        _run_steps(factory, settings, iteration_id, Step.EVALUATE_Q, number, progress)
+        runner.submit(iteration_id, resume)
     with session_scope(factory) as session:
         it = iterations.get_iteration(session, iteration_id=iteration_id)
         if it.status == "awaiting_approval":
@@ -435,7 +420,7 @@ def _iterate(
             approved = False
     if approved:
         status(f"iteration {number}: approved automatically (demo) -> A/B experiment")
-        run_inline(factory, settings, iteration_id, Step.DEPLOY)
+        runner.submit(iteration_id, Step.DEPLOY)
     with session_scope(factory) as session:
         it = iterations.get_iteration(session, iteration_id=iteration_id)
         return IterationSummary(

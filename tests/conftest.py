@@ -24,6 +24,7 @@ from services.tenants.service import create_api_key
 ADMIN_URL = os.environ.get(
     "OUTCOMELOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
+REDIS_URL = os.environ.get("OUTCOMELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
 def _postgres_available() -> str | None:
@@ -65,6 +66,26 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = f"sqlite:///{path}"
     upgrade(url)
     return url
+
+
+@pytest.fixture
+def broker() -> Iterator[str]:
+    """A real Redis database of its own for this test, emptied before and after."""
+    import random
+
+    import redis
+
+    url = f"{REDIS_URL}/{random.randint(1, 15)}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS_URL} is required in CI: {exc}")
+        pytest.skip(f"Redis not reachable at {REDIS_URL}; CI always runs these")
+    client.flushdb()
+    yield url
+    client.flushdb()
 
 
 @dataclass

@@ -47,3 +47,44 @@ def test_keys_create_refuses_ambiguous_or_bad_input(embedded: Path) -> None:
     assert both.exit_code == neither.exit_code == bad_slug.exit_code == 2
     assert "exactly one" in both.output and "exactly one" in neither.output
     assert "Acme Inc" in bad_slug.output
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["--max-prompts", "0"], "max_prompts must be at least 1"),
+        (["--beta", "-1"], "beta must not be negative"),
+        (["--gamma", "1.5"], "gamma must be in (0, 1]"),
+        (["--algorithm", "sft"], "algorithm must be one of ppo, rloo, grpo"),
+        (["--q-kind", "forest"], "hyperparameters.q.kind"),
+    ],
+)
+def test_iterate_create_validates_its_options_as_the_api_does(
+    embedded: Path, options: list[str], words: str
+) -> None:
+    result = CliRunner().invoke(app, ["iterate", "create", *options])
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split())
+    listed = CliRunner().invoke(app, ["iterate", "list"])
+    assert listed.exit_code == 0 and "queued" not in listed.output
+
+
+def test_iterate_create_runs_the_steps_in_this_process(embedded: Path) -> None:
+    """The embedded default: the command runs the steps itself and returns when the iteration
+    stops (here at once: the business has no conversations)."""
+    from services.db import make_engine, make_session_factory, session_scope
+    from services.migrate import upgrade
+    from services.policies.models import PolicyStatus
+    from services.policies.service import register_policy
+
+    settings = get_settings()
+    upgrade(settings.sqlalchemy_url)
+    with session_scope(make_session_factory(make_engine(settings.sqlalchemy_url))) as session:
+        register_policy(
+            session, policy_id="p0", base_model="/m", adapter_uri="/a", status=PolicyStatus.APPROVED
+        )
+    result = CliRunner().invoke(
+        app, ["iterate", "create", "--parent", "p0", "--business", "nobody", "--max-prompts", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "failed" in result.output and "no training data" in " ".join(result.output.split())

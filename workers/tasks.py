@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from services import models as _all_tables  # noqa: F401  (every table known to the ORM)
 from services.db import make_engine, make_session_factory, session_scope
 from services.iterations.models import Step
+from services.iterations.runner import CHECK_TASK, STEP_TASK, CeleryRunner
 from services.settings import get_settings
-from workers.celery_app import CHECK_TASK, STEP_TASK, app, send_step
+from workers.celery_app import app
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,12 @@ log = logging.getLogger(__name__)
 def session_factory() -> sessionmaker[Session]:
     settings = get_settings()
     return make_session_factory(make_engine(settings.sqlalchemy_url, pool_size=2))
+
+
+@lru_cache(maxsize=1)
+def runner() -> CeleryRunner:
+    """The next step goes to the queue this worker reads from, through the same app."""
+    return CeleryRunner(get_settings(), client=app)
 
 
 @app.task(
@@ -41,7 +48,7 @@ def run_step(self, iteration_id: str, step: str) -> None:  # type: ignore[no-unt
         log.info("%s; retrying later", exc)
         raise self.retry(countdown=30, max_retries=None) from None
     if following is not None:
-        send_step(iteration_id, following.value)
+        runner().submit(iteration_id, following)
 
 
 @app.task(name=CHECK_TASK)
@@ -53,5 +60,5 @@ def check_new_data() -> str | None:
     with session_scope(session_factory()) as session:
         iteration_id = maybe_start_iteration(session, settings=settings)
     if iteration_id is not None:
-        send_step(iteration_id, Step.RETURNS.value)
+        runner().submit(iteration_id, Step.RETURNS)
     return iteration_id

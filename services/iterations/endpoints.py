@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, status
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from services.deps import OperatorDep, SessionDep, SettingsDep
+from services.errors import Unavailable
 from services.iterations import repository, schemas, service
-from services.iterations.dispatch import enqueue
 from services.iterations.models import Iteration, Step
+from services.iterations.runner import StepRunner
 
 router = APIRouter(prefix="/v1/iterations", tags=["operator"])
 
 
-def get_session_factory(request: Request) -> sessionmaker[Session]:
-    factory: sessionmaker[Session] = request.app.state.session_factory
-    return factory
+def get_runner(request: Request) -> StepRunner:
+    """Where this app runs iteration steps (handed to create_app); 503 if nowhere."""
+    runner: StepRunner | None = request.app.state.runner
+    if runner is None:
+        raise Unavailable(
+            "this API runs no iteration steps: on the embedded default (OUTCOMELOOP_TASK_RUNNER="
+            "inline) steps run in the API process, so start it with `outcomeloop serve` (or "
+            "`uvicorn services.cli:api_app --factory`), which hands it a runner; or set "
+            "OUTCOMELOOP_TASK_RUNNER=celery and run Celery workers"
+        )
+    return runner
 
 
-FactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
+RunnerDep = Annotated[StepRunner, Depends(get_runner)]
 
 
 def _out(session: Session, iteration: Iteration) -> schemas.IterationOut:
@@ -33,19 +42,19 @@ def create_iteration(
     body: schemas.IterationCreate,
     session: SessionDep,
     settings: SettingsDep,
-    factory: FactoryDep,
     _: OperatorDep,
+    runner: RunnerDep,
 ) -> schemas.IterationOut:
-    iteration = service.create_iteration(
-        session,
-        algorithm=body.algorithm,
-        hyperparameters=body.hyperparameters,
-        data=body.data,
-        parent_policy_id=body.parent_policy_id,
-    )
+    iteration = service.create_iteration(session, settings=settings, request=body)
     session.commit()
-    enqueue(settings, factory, iteration.id, Step.RETURNS)  # only after the commit
+    runner.submit(iteration.id, Step.RETURNS)  # only after the commit
     return _out(session, iteration)
+
+
+@router.get("/schema")
+def request_schema(_: OperatorDep) -> dict[str, Any]:
+    """The JSON schema of POST /v1/iterations: every config field, its type, default and help."""
+    return schemas.iteration_request_schema()
 
 
 @router.get("", response_model=list[schemas.IterationOut])
@@ -62,15 +71,11 @@ def get_iteration(iteration_id: str, session: SessionDep, _: OperatorDep) -> sch
 
 @router.post("/{iteration_id}/approve", response_model=schemas.IterationOut)
 def approve(
-    iteration_id: str,
-    session: SessionDep,
-    settings: SettingsDep,
-    factory: FactoryDep,
-    _: OperatorDep,
+    iteration_id: str, session: SessionDep, _: OperatorDep, runner: RunnerDep
 ) -> schemas.IterationOut:
     iteration = service.approve(session, iteration_id=iteration_id)
     session.commit()
-    enqueue(settings, factory, iteration.id, Step.DEPLOY)
+    runner.submit(iteration.id, Step.DEPLOY)
     return _out(session, iteration)
 
 
@@ -93,11 +98,10 @@ def retry(
     iteration_id: str,
     body: schemas.RetryRequest,
     session: SessionDep,
-    settings: SettingsDep,
-    factory: FactoryDep,
     _: OperatorDep,
+    runner: RunnerDep,
 ) -> schemas.IterationOut:
     step = service.retry(session, iteration_id=iteration_id, override_gate=body.override_gate)
     session.commit()
-    enqueue(settings, factory, iteration_id, step)
+    runner.submit(iteration_id, step)
     return _out(session, service.get_iteration(session, iteration_id=iteration_id))

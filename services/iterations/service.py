@@ -4,6 +4,8 @@ step that is done is skipped, one running under a live lease waits, one whose le
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
@@ -15,6 +17,7 @@ from services.errors import Conflict, Invalid, NotFound
 from services.experiments import repository as experiments
 from services.experiments.models import GLOBAL_SCOPE
 from services.iterations import repository
+from services.iterations.config_models import build_config
 from services.iterations.models import (
     PIPELINE,
     Iteration,
@@ -23,59 +26,62 @@ from services.iterations.models import (
     IterationStep,
     Step,
 )
+from services.iterations.pipeline_config import PipelineConfig
+from services.iterations.schemas import IterationRequest
 from services.policies import service as policies
 from services.policies.models import PolicyStatus
+from services.settings import Settings
+from workers.learning.config_build import IMPROVEMENT_CONFIGS
+from workers.learning.configs import QFitConfig
+from workers.learning.returns import ReturnsConfig
 
 TERMINAL = {IterationStatus.SUCCEEDED, IterationStatus.FAILED, IterationStatus.CANCELLED}
 
 
-def resolve_configs(
-    *, algorithm: str, hyperparameters: dict[str, Any], data: dict[str, Any], base_model: str
-) -> dict[str, Any]:
-    """Build and validate the config dataclass of every step from the request.
+def served_sampling(settings: Settings, hyperparameters: Mapping[str, Any]) -> dict[str, float]:
+    """The temperature and top_p the improvement must use: the ones the policy is served with.
 
-    hyperparameters: beta, gamma, n_epochs, batch_size, learning_rate, plus any field of the
-    improvement config, and `q` (a dict of QFitConfig fields). data: ReturnsConfig fields,
-    and eval_fraction, max_prompts, q_floor, override_gate, ab_weight.
+    PPO, RLOO and GRPO sample the policy, score the samples and take the KL to pi_i at one
+    temperature and top_p; a policy improved at other values is not the one that acts.
     """
-    from workers.learning.config_build import improvement_config, q_fit_config
-    from workers.learning.returns import ReturnsConfig
+    if settings.temperature <= 0:
+        raise Conflict(
+            "the policy is served greedily (OUTCOMELOOP_TEMPERATURE=0): PPO, RLOO and GRPO "
+            "improve a sampling policy, at the temperature it is served with; serve with a "
+            "positive temperature (e.g. 0.7) to run iterations"
+        )
+    served = {"temperature": settings.temperature, "top_p": settings.top_p}
+    for name, value in served.items():
+        given = hyperparameters.get(name)
+        if given is not None and not math.isclose(given, value, rel_tol=1e-9, abs_tol=1e-12):
+            raise Invalid(
+                f"hyperparameters.{name}: {given} is not the served {name} {value} "
+                f"(OUTCOMELOOP_{name.upper()}); the policy is improved at the sampling it is "
+                f"served with: leave {name} out"
+            )
+    return served
 
-    hyper = dict(hyperparameters)
-    q_fields = dict(hyper.pop("q", {}) or {})
-    gamma = hyper.pop("gamma", None)
-    returns_fields = {k: v for k, v in data.items() if k in ReturnsConfig.__dataclass_fields__}
-    if gamma is not None:
-        returns_fields["gamma"] = gamma
+
+def resolve_configs(
+    request: IterationRequest, *, settings: Settings, base_model: str
+) -> dict[str, Any]:
+    """The config dataclass of every step, from a validated request and what is served."""
+    hyper = request.hyperparameter_values()
+    data = request.data_values()
+    q_values = hyper.pop("q", {})
+    sampling = served_sampling(settings, hyper)
     try:
-        returns = ReturnsConfig(**returns_fields)
-        q = q_fit_config({"base_model": base_model, **q_fields})
-        improve = improvement_config(algorithm, hyper)
-    except (TypeError, ValueError) as exc:
+        returns = build_config(ReturnsConfig, request.returns_values())
+        q = build_config(QFitConfig, q_values, base_model=base_model)
+        improve = build_config(IMPROVEMENT_CONFIGS[request.algorithm], hyper, **sampling)
+        pipeline = build_config(PipelineConfig, data)
+    except ValueError as exc:  # e.g. a value valid alone that the served sampling rules out
         raise Invalid(f"invalid iteration config: {exc}") from None
-    unknown = (
-        set(data)
-        - set(ReturnsConfig.__dataclass_fields__)
-        - {
-            "eval_fraction",
-            "max_prompts",
-            "q_floor",
-            "override_gate",
-            "ab_weight",
-        }
-    )
-    if unknown:
-        raise Invalid(f"unknown data field(s): {sorted(unknown)}")
     return {
         "returns": asdict(returns),
         "q": asdict(q),
-        "improve": {"algorithm": algorithm, **asdict(improve)},
-        "pipeline": {
-            "eval_fraction": float(data.get("eval_fraction", 0.2)),
-            "max_prompts": int(data.get("max_prompts", 64)),
-            "q_floor": data.get("q_floor"),
-            "ab_weight": float(data.get("ab_weight", 0.5)),
-        },
+        "improve": {"algorithm": request.algorithm, **asdict(improve)},
+        "pipeline": asdict(pipeline),
     }
 
 
@@ -117,37 +123,33 @@ def current_policy(session: Session, *, business_id: str | None) -> str:
 def create_iteration(
     session: Session,
     *,
-    algorithm: str,
-    hyperparameters: dict[str, Any],
-    data: dict[str, Any],
-    parent_policy_id: str | None = None,
+    settings: Settings,
+    request: IterationRequest,
     trigger: str = "operator",
 ) -> Iteration:
-    if algorithm not in ("ppo", "rloo", "grpo"):
-        raise Invalid(f"algorithm must be ppo, rloo or grpo, got {algorithm!r}")
+    """A queued iteration; the request was validated by its model (schemas.IterationCreate)."""
+    data = request.data_values()
     business_id = data.get("business_id")
-    parent_id = parent_policy_id or current_policy(session, business_id=business_id)
+    parent_id = request.parent_policy_id or current_policy(session, business_id=business_id)
     parent = policies.get_policy(session, policy_id=parent_id)
-    configs = resolve_configs(
-        algorithm=algorithm,
-        hyperparameters=hyperparameters,
-        data=data,
-        base_model=parent.base_model,
-    )
+    configs = resolve_configs(request, settings=settings, base_model=parent.base_model)
+    given = request.model_dump(mode="json", exclude_unset=True, by_alias=True)
     iteration = Iteration(
-        algorithm=algorithm,
-        hyperparameters=hyperparameters,
-        data=data,
+        algorithm=request.algorithm,
+        hyperparameters=given.get("hyperparameters", {}),
+        data=given.get("data", {}),
         configs=configs,
         parent_policy_id=parent.id,
         business_id=business_id,
-        override_gate=bool(data.get("override_gate", False)),
+        override_gate=configs["pipeline"]["override_gate"],
         trigger=trigger,
         data_cutoff=utcnow(),
         current_step=PIPELINE[0].value,
     )
     repository.add(session, iteration)
-    add_event(session, iteration, "created", f"{algorithm} iteration of {parent.id} ({trigger})")
+    add_event(
+        session, iteration, "created", f"{request.algorithm} iteration of {parent.id} ({trigger})"
+    )
     return iteration
 
 

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from services.conversations import repository as conversations
 from services.errors import Conflict
 from services.iterations import repository
+from services.iterations.schemas import parse_iteration_request
 from services.iterations.service import create_iteration
 from services.settings import Settings
 
@@ -27,10 +28,10 @@ def maybe_start_iteration(session: Session, *, settings: Settings) -> str | None
         )
         return None
     try:
-        iteration = create_iteration(
-            session, algorithm="ppo", hyperparameters={}, data={}, trigger="beat"
-        )
-    except Conflict as exc:  # nothing serving: nothing to improve
+        # The defaults, validated like an operator's request.
+        request = parse_iteration_request({"algorithm": "ppo"})
+        iteration = create_iteration(session, settings=settings, request=request, trigger="beat")
+    except Conflict as exc:  # nothing serving (nothing to improve), or served greedily
         log.warning("not starting an iteration: %s", exc.message)
         return None
     return iteration.id

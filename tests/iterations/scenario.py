@@ -46,6 +46,7 @@ def write_policy_logs(
     *,
     seed: int = 0,
     epsilon: float = 0.0,
+    good_rate: float = 0.5,
 ) -> list[str]:
     """The scenario as the suggestion API logs it under `policy_id`: each business reply is the
     policy's suggestion, sent as is (with an exploration persona drawn with probability
@@ -60,7 +61,7 @@ def write_policy_logs(
     with session_scope(store.factory) as session:
         ensure_business(session, business_id=business_id)
         for _ in range(n):
-            good = rng.random() < 0.5
+            good = rng.random() < good_rate
             reply = rng.choice(GOOD if good else BAD)
             explored = rng.random() < epsilon
             cid = log.create_conversation(session, business_id=business_id).row.id

@@ -3,8 +3,9 @@ one iteration end to end, and a worker killed mid-step whose work is resumed by 
 
 from __future__ import annotations
 
+import base64
+import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,31 +19,14 @@ from sqlalchemy import func, select
 
 from services.db import session_scope
 from services.iterations import repository
-from services.iterations.dispatch import enqueue
 from services.iterations.models import Step
+from services.iterations.runner import STEP_TASK, CeleryRunner
+from services.iterations.schemas import parse_iteration_request
 from services.iterations.service import approve, create_iteration, get_iteration
 from services.policies.models import Policy
 from services.settings import Settings
 from tests.conftest import Store
 from tests.iterations.test_pipeline import TINY_HYPER, seed_world
-
-REDIS_URL = os.environ.get("OUTCOMELOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-
-
-@pytest.fixture
-def broker() -> Iterator[str]:
-    """A Redis database of its own for this test, emptied before and after."""
-    url = f"{REDIS_URL}/{random.randint(1, 15)}"
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {REDIS_URL} is required in CI: {exc}")
-        pytest.skip(f"Redis not reachable at {REDIS_URL}; CI always runs these")
-    client.flushdb()
-    yield url
-    client.flushdb()
 
 
 @pytest.fixture
@@ -118,6 +102,23 @@ def start_worker(
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize(("step", "queue"), [(Step.RETURNS, "cpu"), (Step.IMPROVE, "gpu")])
+def test_the_celery_runner_sends_steps_by_name_to_their_queue(
+    broker: str, step: Step, queue: str
+) -> None:
+    """The API's runner sends the task by name (it never imports the workers): the message a
+    worker would receive is on the step's queue in Redis, with the task name and two ids."""
+    CeleryRunner(Settings(task_runner="celery", redis_url=broker)).submit("iteration-1", step)
+    client = redis.Redis.from_url(broker)
+    assert client.llen("cpu" if queue == "gpu" else "gpu") == 0
+    [raw] = client.lrange(queue, 0, -1)
+    message = json.loads(raw)
+    assert message["headers"]["task"] == STEP_TASK
+    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert (args, kwargs) == (["iteration-1", step.value], {})
+    assert message["content-type"] == "application/json"
+
+
 def _status(store: Store, iteration_id: str) -> tuple[str, str | None]:
     with session_scope(store.factory) as session:
         it = get_iteration(session, iteration_id=iteration_id)
@@ -138,13 +139,14 @@ def _wait(
 
 def _start_iteration(store: Store, settings: Settings, business: str) -> str:
     with session_scope(store.factory) as session:
-        iteration_id = create_iteration(
-            session,
-            algorithm="ppo",
-            hyperparameters={**TINY_HYPER, "num_updates": 4},
-            data={"business_id": business, "max_prompts": 4, "eval_fraction": 0.3},
-        ).id
-    enqueue(settings, store.factory, iteration_id, Step.RETURNS)
+        request = parse_iteration_request(
+            {
+                "hyperparameters": {**TINY_HYPER, "num_updates": 4},
+                "data": {"business_id": business, "max_prompts": 4, "eval_fraction": 0.3},
+            }
+        )
+        iteration_id = create_iteration(session, settings=settings, request=request).id
+    CeleryRunner(settings).submit(iteration_id, Step.RETURNS)
     return iteration_id
 
 
@@ -192,6 +194,6 @@ def test_a_killed_worker_is_resumed_and_yields_exactly_one_candidate(
     # Approval goes through the workers too: deploy starts the A/B experiment.
     with session_scope(pg_store.factory) as session:
         approve(session, iteration_id=iteration_id)
-    enqueue(worker_settings, pg_store.factory, iteration_id, Step.DEPLOY)
+    CeleryRunner(worker_settings).submit(iteration_id, Step.DEPLOY)
     status, _ = _wait(pg_store, iteration_id, lambda s, _: s in ("succeeded", "failed"))
     assert status == "succeeded"

@@ -22,6 +22,7 @@ from services.tenants.service import ensure_business
 from tests.conftest import Store, auth
 from tests.factories import new_conversation, say
 from tests.iterations.scenario import write_policy_logs
+from workers.runner import ThreadRunner
 
 TINY_HYPER: dict[str, Any] = {
     "beta": 0.05,
@@ -60,15 +61,18 @@ def seed_world(
 def inline_client(
     sqlite_store: Store, tiny_backend: EmbeddedBackend, tmp_path: Path
 ) -> Iterator[TestClient]:
+    # Served at temperature 1 without a nucleus: the improvement samples the policy as served.
     settings = sqlite_store.settings.model_copy(
         update={
             "task_runner": "inline",
             "data_dir": tmp_path,
-            "temperature": 0.0,
+            "temperature": 1.0,
+            "top_p": 1.0,
             "max_new_tokens": 8,
         }
     )
-    with TestClient(create_app(settings, backend=tiny_backend)) as client:
+    runner = ThreadRunner(settings, sqlite_store.factory)  # what `outcomeloop serve` hands in
+    with TestClient(create_app(settings, backend=tiny_backend, runner=runner)) as client:
         yield client
 
 
@@ -151,14 +155,16 @@ def test_iteration_end_to_end_with_approval(
 def test_q_gate_stops_and_an_operator_can_override(
     inline_client: TestClient, sqlite_store: Store, tiny_model: Path, tiny_adapters: dict[str, Path]
 ) -> None:
-    business, _ = seed_world(sqlite_store, tiny_model, tiny_adapters["zero"], conversations=20)
+    # No conversation reached an outcome: Q cannot be evaluated (AUC needs both classes).
+    business, pi0 = seed_world(sqlite_store, tiny_model, tiny_adapters["zero"], conversations=0)
+    write_policy_logs(sqlite_store, business, pi0, 20, good_rate=0.0)
     operator = sqlite_store.operator_key()
     created = inline_client.post(
         "/v1/iterations",
         headers=auth(operator),
         json={
             "hyperparameters": TINY_HYPER,
-            "data": {"business_id": business, "max_prompts": 2, "q_floor": 1.01},
+            "data": {"business_id": business, "max_prompts": 2, "q_floor": 0.5},
         },
     ).json()
     failed = wait_for(inline_client, operator, created["id"], {"failed", "awaiting_approval"})
@@ -203,7 +209,11 @@ def test_iterations_api_refuses_bad_requests(
         headers=auth(operator),
         json={"algorithm": "ppo", "hyperparameters": {"beta": -1}, "parent_policy_id": "nope"},
     )
-    assert bad.status_code == 404 and "nope" in bad.json()["detail"]
+    assert bad.status_code == 422 and "beta" in bad.json()["detail"], "validated first"
+    missing = inline_client.post(
+        "/v1/iterations", headers=auth(operator), json={"parent_policy_id": "nope"}
+    )
+    assert missing.status_code == 404 and "nope" in missing.json()["detail"]
     unknown = inline_client.get("/v1/iterations/missing", headers=auth(operator))
     assert unknown.status_code == 404 and "missing" in unknown.json()["detail"]
     wrong_algo = inline_client.post(

@@ -11,6 +11,7 @@ from services.db import session_scope, utcnow
 from services.errors import Conflict, Invalid
 from services.iterations import repository, service
 from services.iterations.models import PIPELINE, Step
+from services.iterations.schemas import parse_iteration_request
 from services.policies.models import PolicyStatus
 from services.policies.service import register_policy
 from tests.conftest import Store
@@ -31,14 +32,16 @@ def _policy(store: Store) -> str:
 
 def _iteration(store: Store, **data: object) -> str:
     policy = _policy(store)
+    request = parse_iteration_request(
+        {
+            "algorithm": "ppo",
+            "hyperparameters": {"beta": 0.1, "n_epochs": 2},
+            "data": dict(data),
+            "parent_policy_id": policy,
+        }
+    )
     with session_scope(store.factory) as session:
-        return service.create_iteration(
-            session,
-            algorithm="ppo",
-            hyperparameters={"beta": 0.1, "n_epochs": 2},
-            data=dict(data),
-            parent_policy_id=policy,
-        ).id
+        return service.create_iteration(session, settings=store.settings, request=request).id
 
 
 def _begin(store: Store, iteration_id: str, step: Step, lease_s: float = 60) -> str:
@@ -66,6 +69,7 @@ def test_configs_are_resolved_and_stored(store: Store) -> None:
         assert it.configs["improve"]["beta"] == 0.1 and it.configs["improve"]["n_ppo_epochs"] == 2
         assert it.configs["returns"]["gamma"] == 0.9
         assert it.configs["pipeline"]["max_prompts"] == 8
+        assert it.configs["pipeline"]["ab_weight"] == 0.5, "defaults are resolved and stored"
         assert it.configs["q"]["base_model"] == "/m"
         assert it.status == "queued" and it.current_step == "returns"
 
@@ -79,6 +83,8 @@ def test_configs_are_resolved_and_stored(store: Store) -> None:
         ("ppo", {}, {"gamma": 2}, "gamma"),
         ("ppo", {}, {"colour": "red"}, "colour"),
         ("ppo", {"q": {"kind": "forest"}}, {}, "kind"),
+        ("ppo", {}, {"ab_weight": 1.5}, "ab_weight"),
+        ("ppo", {"gamma": 0.9}, {"gamma": 0.8}, "gamma"),
     ],
 )
 def test_bad_requests_are_refused_by_name(
@@ -89,9 +95,15 @@ def test_bad_requests_are_refused_by_name(
     words: str,  # type: ignore[type-arg]
 ) -> None:
     policy = _policy(store)
+    raw = {
+        "algorithm": algorithm,
+        "hyperparameters": hyper,
+        "data": data,
+        "parent_policy_id": policy,
+    }
     with pytest.raises(Invalid, match=words), session_scope(store.factory) as session:
         service.create_iteration(
-            session, algorithm=algorithm, hyperparameters=hyper, data=data, parent_policy_id=policy
+            session, settings=store.settings, request=parse_iteration_request(raw)
         )
 
 

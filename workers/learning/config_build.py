@@ -10,12 +10,12 @@ from workers.learning.configs import GRPOConfig, PPOConfig, QFitConfig, RLOOConf
 ImprovementConfig = PPOConfig | RLOOConfig | GRPOConfig
 
 # API name -> field name, per algorithm: the jobs API speaks of epochs and batch sizes.
-_ALIASES: dict[str, dict[str, str]] = {
+API_NAMES: dict[str, dict[str, str]] = {
     "ppo": {"n_epochs": "n_ppo_epochs"},
     "rloo": {"n_epochs": "num_iterations", "batch_size": "prompts_per_step"},
     "grpo": {"n_epochs": "num_iterations", "batch_size": "prompts_per_step"},
 }
-_CLASSES: dict[str, type[ImprovementConfig]] = {
+IMPROVEMENT_CONFIGS: dict[str, type[ImprovementConfig]] = {
     "ppo": PPOConfig,
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
@@ -38,9 +38,10 @@ def q_fit_config(values: dict[str, Any]) -> QFitConfig:
 
 
 def improvement_config(algorithm: str, values: dict[str, Any]) -> ImprovementConfig:
-    if algorithm not in _CLASSES:
-        raise ValueError(f"algorithm must be one of {sorted(_CLASSES)}, got {algorithm!r}")
-    aliases = _ALIASES[algorithm]
+    if algorithm not in IMPROVEMENT_CONFIGS:
+        known = sorted(IMPROVEMENT_CONFIGS)
+        raise ValueError(f"algorithm must be one of {known}, got {algorithm!r}")
+    aliases = API_NAMES[algorithm]
     renamed = {aliases.get(k, k): v for k, v in values.items()}
-    config: ImprovementConfig = _build(_CLASSES[algorithm], renamed)
+    config: ImprovementConfig = _build(IMPROVEMENT_CONFIGS[algorithm], renamed)
     return config

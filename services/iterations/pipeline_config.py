@@ -1,0 +1,54 @@
+"""The pipeline's own config: how an iteration splits its data, gates on Q and deploys.
+
+The learning steps have theirs in workers/learning (ReturnsConfig, QFitConfig, the
+improvement configs); this one belongs to the iteration, which is why it lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Held-out split, prompts for improvement, the Q gate and the A/B that follows approval."""
+
+    eval_fraction: float = field(
+        default=0.2,
+        metadata={
+            "help": "Share of conversations held out from Q's training to evaluate it (the Q "
+            "gate's ROC AUC), in (0, 1)."
+        },
+    )
+    max_prompts: int = field(
+        default=64,
+        metadata={"help": "Logged states (customer's turn) used as improvement prompts, >= 1."},
+    )
+    q_floor: float | None = field(
+        default=None,
+        metadata={
+            "help": "The Q gate: held-out ROC AUC the fitted Q must reach, in [0, 1]. None: "
+            "OUTCOMELOOP_Q_AUC_FLOOR."
+        },
+    )
+    ab_weight: float = field(
+        default=0.5,
+        metadata={
+            "help": "Traffic share of the candidate pi_{i+1} in the A/B experiment deploy "
+            "starts against pi_i, in (0, 1)."
+        },
+    )
+    override_gate: bool = field(
+        default=False,
+        metadata={"help": "Improve even if Q fails the gate (an operator's decision)."},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), not {self.eval_fraction}")
+        if self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be at least 1, not {self.max_prompts}")
+        if self.q_floor is not None and not 0.0 <= self.q_floor <= 1.0:
+            raise ValueError(f"q_floor must be in [0, 1] or None, not {self.q_floor}")
+        if not 0.0 < self.ab_weight < 1.0:
+            raise ValueError(f"ab_weight must be in (0, 1), not {self.ab_weight}")
