@@ -68,8 +68,22 @@ class Settings(BaseSettings):
         default=2048, ge=64, description="Prompt + completion budget; older turns are dropped."
     )
     max_new_tokens: int = Field(default=64, ge=1, le=1024, description="Suggestion length cap.")
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    temperature: float = Field(
+        default=0.7,
+        ge=0.0,
+        le=2.0,
+        description="Sampling temperature of suggestions; policy improvement samples, scores and "
+        "takes the KL at the same one. 0 = greedy (no iteration can improve a greedy policy).",
+    )
+    top_p: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus mass of suggestions (1.0 = off). The served policy is then "
+        "softmax(logits / temperature) exactly, the distribution the logged log-probs, PPO, RLOO "
+        "and GRPO all score; PPO also handles top_p < 1 (scoring over the nucleus), TRL's RLOO "
+        "and GRPO do not.",
+    )
     max_candidates: int = Field(default=4, ge=1, le=16, description="Largest `n` accepted.")
     generation_timeout_s: float = Field(
         default=30.0, gt=0, description="Give up on the backend after this many seconds."
