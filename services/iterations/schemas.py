@@ -141,11 +141,11 @@ def _request_model(algorithm: str) -> type[IterationRequest]:
 
 
 def _algorithm_of(value: Any) -> str | None:
-    tag = (
-        value.get("algorithm", DEFAULT_ALGORITHM)
-        if isinstance(value, dict)
-        else (getattr(value, "algorithm", DEFAULT_ALGORITHM))
-    )
+    """The union's tag: the body's algorithm, ppo when unset (None: no model matches)."""
+    if isinstance(value, dict):
+        tag = value.get("algorithm", DEFAULT_ALGORITHM)
+    else:
+        tag = getattr(value, "algorithm", DEFAULT_ALGORITHM)
     return tag if isinstance(tag, str) else None
 
 
