@@ -113,6 +113,7 @@ def test_two_automatic_iterations_advance_the_lineage(
         assert pi2 is not None and pi2 != pi1
         chain = [p.id for p in policies.lineage(session, policy_id=pi2)]
         assert chain == [pi2, pi1, "pi0"]
+        print("parent chain:", " -> ".join(chain))  # for the record, with -s
         # pi_0's 36 conversations are another arm's data now, not Q^{pi_1}'s.
         assert it2.metrics["data_policy"] + it2.metrics["data_exploration"] <= 12
         assert it2.metrics["data_other_arms_available"] == 36
