@@ -206,3 +206,25 @@ def test_importing_the_api_loads_no_ml_stack(module: str) -> None:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_no_import_cycles_between_project_modules() -> None:
+    """No two modules reach each other, even through function-level imports (improve.py once
+    imported the trainers, which imported improve.py back)."""
+    graph: dict[str, set[str]] = {}
+    modules = {module for module, _ in project_imports()}
+    for module, imported in project_imports():
+        if imported in modules and imported != module:
+            graph.setdefault(module, set()).add(imported)
+    cycles = []
+    for start in sorted(graph):
+        seen, stack = set(), [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert not cycles, "\n".join(sorted(set(cycles))[:10])

@@ -29,7 +29,7 @@ from services.generation.base import (
     GenerationResult,
 )
 from services.policies.prompt import ChatMessage
-from workers.learning.improve import NEUTRAL_GENERATION, neutralise_generation_config
+from workers.learning.policy_model import NEUTRAL_GENERATION, neutralise_generation_config
 
 log = logging.getLogger(__name__)
 

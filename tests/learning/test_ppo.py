@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from services.policies.prompt import ChatMessage
 from tests.tiny_model import CORPUS
 from workers.learning.configs import PPOConfig, RLOOConfig
-from workers.learning.improve import HISTORY_FILE, improve_policy, load_policy, load_tokenizer
+from workers.learning.improve import HISTORY_FILE, improve_policy
+from workers.learning.policy_model import load_policy, load_tokenizer
 from workers.learning.ppo import (
     REFERENCE_ADAPTER,
     ValueHead,

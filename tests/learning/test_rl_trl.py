@@ -24,7 +24,8 @@ from tests.learning.test_ppo import (
     sampled_logprobs,
 )
 from workers.learning.configs import GRPOConfig, RLOOConfig
-from workers.learning.improve import Algorithm, improve_policy, load_policy, load_tokenizer
+from workers.learning.improve import Algorithm, improve_policy
+from workers.learning.policy_model import load_policy, load_tokenizer
 from workers.learning.rl_trl import _make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from workers.learning.chat import ChatMessage
 from workers.learning.configs import PPOConfig
-from workers.learning.improve import (
+from workers.learning.policy_model import (
     NEUTRAL_GENERATION,
     POLICY_ADAPTER,
     ProgressFn,

@@ -22,7 +22,7 @@ from typing import Any
 
 from workers.learning.chat import ChatMessage
 from workers.learning.configs import GRPOConfig, RLOOConfig
-from workers.learning.improve import (
+from workers.learning.policy_model import (
     NEUTRAL_GENERATION,
     ProgressFn,
     RewardFn,
