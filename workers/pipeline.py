@@ -188,6 +188,7 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def step_fit_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     from workers.learning.config_build import q_fit_config
+    from workers.learning.held_out import flat_metrics
     from workers.learning.q_model import fit_q
 
     data = Path(ctx.result_of(Step.RETURNS)["dir"])
@@ -203,26 +204,39 @@ def step_fit_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     _publish(tmp, final)
     metrics: dict[str, Any] = {"q_n_train": fitted.n_train, "q_seconds": round(fitted.seconds, 2)}
-    for group, values in fitted.metrics.items():
-        suffix = "" if group == "all" else f"_{group}"
-        for name, value in values.items():
-            metrics[f"q_{name}{suffix}"] = value
+    # q_auc(_lo/_hi), q_mse.., q_auc_first_half.., q_rank_corr(_lo/_hi), q_head_alpha, ...
+    metrics.update(flat_metrics(fitted.metrics, fitted.fit))
     return {"dir": str(final), **metrics}, metrics
 
 
 def step_evaluate_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The gate: Q must rank replies, i.e. the lower bound of the held-out correlation of
+    Q - V with G - V must lie above the floor; the AUC is reported beside it, not gated on."""
+    from workers.learning.held_out import DEFAULT_RANK_FLOOR, rank_gate
+
     fitted = ctx.result_of(Step.FIT_Q)
-    floor = ctx.configs["pipeline"].get("q_floor")
-    floor = float(floor if floor is not None else ctx.settings.q_auc_floor)
-    auc = fitted.get("q_auc")  # held-out ROC AUC of Q against the final outcome
-    passed = auc is not None and auc >= floor
-    result = {"q_auc": auc, "floor": floor, "passed": passed}
-    if not passed and not ctx.iteration.override_gate:
+    floor = ctx.configs["pipeline"].get("rank_floor")
+    gate = rank_gate(fitted, float(floor if floor is not None else DEFAULT_RANK_FLOOR))
+    overridden = not gate["passed"] and bool(ctx.iteration.override_gate)
+    result: dict[str, Any] = {
+        **gate,
+        "overridden": overridden,
+        "q_auc": fitted.get("q_auc"),  # held-out ROC AUC of Q against the final outcome
+        "q_auc_lo": fitted.get("q_auc_lo"),
+        "q_auc_hi": fitted.get("q_auc_hi"),
+        "q_auc_first_half": fitted.get("q_auc_first_half"),
+    }
+    if not gate["passed"] and not overridden:
         raise GateFailed(
-            f"held-out Q ROC AUC {auc} is below the floor {floor}; an operator may retry with "
-            "override_gate"
+            f"Q does not rank replies: {gate['reason']} (at or below the floor fails); an "
+            "operator may retry with override_gate"
         )
-    return result, {"q_gate_passed": passed}
+    metrics = {
+        "q_gate_passed": gate["passed"],
+        "q_gate_overridden": overridden,
+        "q_gate_rank_floor": gate["rank_floor"],
+    }
+    return result, metrics
 
 
 def step_improve(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:

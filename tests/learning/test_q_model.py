@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
+import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,15 +18,19 @@ from services.policies.prompt import Turn
 from tests.real_model import prepared_smollm2
 from workers.learning.configs import QFitConfig
 from workers.learning.examples import StepExample
+from workers.learning.held_out import outcome_metrics
 from workers.learning.q_model import (
     MANIFEST,
+    STATE,
     QFitResult,
     QHead,
     QModel,
+    _frozen_backbone,
     evaluate,
     fit_q,
+    fit_ridge_head,
     load_tokenizer,
-    outcome_metrics,
+    pooled_features,
     q_messages,
     render_q_inputs,
     split_by_conversation,
@@ -68,11 +75,12 @@ def keyword_examples(n_conversations: int, seed: int = 0) -> list[StepExample]:
 
 CONFIGS = {
     "head": dict(kind="head", head_hidden=32, head_epochs=60, head_batch_size=32, head_l2=0.01),
+    "ridge": dict(kind="head", head_pooling="state_reply"),  # linear: closed form
     "finetune": dict(kind="finetune", lora_r=8, lora_alpha=16, learning_rate=3e-3, epochs=6),
 }
 
 
-@pytest.fixture(scope="module", params=["head", "finetune"])
+@pytest.fixture(scope="module", params=["head", "ridge", "finetune"])
 def fitted(
     request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[QFitResult, list[StepExample]]:
@@ -83,6 +91,7 @@ def fitted(
         batch_size=16,
         eval_fraction=0.25,
         seed=1,
+        eval_bootstrap=300,
         **CONFIGS[kind],  # type: ignore[arg-type]
     )
     examples = keyword_examples(48)
@@ -105,6 +114,19 @@ def test_fit_learns_the_keyword(fitted: tuple[QFitResult, list[StepExample]]) ->
     assert metrics["first_half"]["auc"] is not None and metrics["first_half"]["auc"] >= 0.8
     # Better than always answering the base rate 0.5 (whose MSE is 0.25).
     assert metrics["all"]["mse"] is not None and metrics["all"]["mse"] < 0.15, metrics
+    # Every number has its conversation-clustered interval around it.
+    for group in ("all", "first_half"):
+        values = metrics[group]  # type: ignore[literal-required]
+        for name in ("auc", "mse", "brier"):
+            assert values[f"{name}_lo"] <= values[name] <= values[f"{name}_hi"], (group, name)
+    # The keyword is in the reply only: Q - V ranks the held-out returns.
+    rank = metrics["rank"]
+    assert rank["n"] == 48 and rank["corr_lo"] is not None and rank["corr_lo"] > 0.3, rank
+    assert result.fit["v_alpha"] in result.model.config.head_alphas
+    if result.model.kind == "head" and result.model.config.head_hidden == 0:
+        assert result.fit["head_alpha"] in result.model.config.head_alphas
+    else:
+        assert result.fit["head_alpha"] is None
 
 
 def test_fit_changed_the_trained_parameters(
@@ -134,9 +156,11 @@ def test_save_load_score_round_trip(fitted: tuple[QFitResult, list[StepExample]]
     assert manifest["kind"] == result.model.kind
     assert manifest["base_model"] == result.model.config.base_model
     assert manifest["metrics"] == result.metrics
+    assert manifest["fit"] == result.fit
     assert QFitConfig.from_dict(manifest["config"]) == result.model.config
 
     loaded = QModel.load(result.path)
+    assert loaded.config.reply_budget == 48  # max_length 96: at most half, 64 asked
     items = [(e.system, e.state, e.action) for e in held_out]
     assert loaded.score(items, batch_size=8) == result.model.score(items, batch_size=8)
     # Batching pads rows differently; the scores must not depend on it beyond float noise.
@@ -146,6 +170,13 @@ def test_save_load_score_round_trip(fitted: tuple[QFitResult, list[StepExample]]
     again = evaluate(loaded, held_out)
     assert again["all"]["auc"] == pytest.approx(result.metrics["all"]["auc"], abs=1e-6)
     assert loaded.score([]) == []
+    if loaded.head is not None:  # V reads the same frozen backbone: the whole report again
+        config = loaded.config
+        full = evaluate(
+            loaded, held_out, value=result.value, n_boot=config.eval_bootstrap, seed=config.seed
+        )
+        assert full["rank"] == pytest.approx(result.metrics["rank"], abs=1e-6)
+        assert full["first_half"] == pytest.approx(result.metrics["first_half"], abs=1e-6)
 
 
 def test_fit_uses_a_given_eval_set_and_subsamples(tiny_model: Path, tmp_path: Path) -> None:
@@ -221,13 +252,49 @@ def test_render_cuts_the_state_from_the_left_and_keeps_the_reply(tiny_model: Pat
         Turn("customer" if i % 2 == 0 else "business", f"message number {i} about kitchens")
         for i in range(30)
     )
-    [ids] = render_q_inputs(tokenizer, [("Be brief.", state, reply)], 64)
+    [(ids, start)] = render_q_inputs(tokenizer, [("Be brief.", state, reply)], 64)
     assert len(ids) == 64
     text = tokenizer.decode(ids)
     assert text.endswith(f"<|im_start|>assistant\n{reply}<|im_end|>\n")
     assert "message number 29" in text and "Be brief." not in text
-    [short] = render_q_inputs(tokenizer, [("Be brief.", state[:1], reply)], 64)
+    # The reply span: the reply's own tokens and the template's closing ones.
+    assert tokenizer.decode(ids[start:]) == f"{reply}<|im_end|>\n"
+    assert tokenizer.decode(ids[:start]).endswith("<|im_start|>assistant\n")
+    [(short, short_start)] = render_q_inputs(tokenizer, [("Be brief.", state[:1], reply)], 64)
     assert tokenizer.decode(short).startswith("<|im_start|>system\nBe brief.")
+    assert tokenizer.decode(short[short_start:]) == f"{reply}<|im_end|>\n"
+    # No prompt at all, and a reply longer than max_length: the cut reaches into the reply.
+    [(alone, alone_start)] = render_q_inputs(tokenizer, [(None, (), reply)], 64)
+    assert tokenizer.decode(alone[alone_start:]) == f"{reply}<|im_end|>\n"
+    long_reply = " ".join(["thursday works"] * 40)
+    [(cut, cut_start)] = render_q_inputs(tokenizer, [("Be brief.", state, long_reply)], 32)
+    assert len(cut) == 32 and cut_start == 0
+
+
+def test_with_a_reply_budget_the_state_tokens_do_not_depend_on_the_reply(
+    tiny_model: Path,
+) -> None:
+    """Cut as a whole, a longer reply leaves less state, and the state's hidden states (V's
+    features) then tell the reply's length; with a reply budget they are the reply's own."""
+    tokenizer = load_tokenizer(tiny_model)
+    state = tuple(
+        Turn("customer" if i % 2 == 0 else "business", f"message number {i} about kitchens")
+        for i in range(30)
+    )
+    short, long = "Sure.", " ".join(["thursday works"] * 40)
+    items = [("Be brief.", state, short), ("Be brief.", state, long)]
+    (ids_short, start_short), (ids_long, start_long) = render_q_inputs(tokenizer, items, 96, 24)
+    assert ids_short[:start_short] == ids_long[:start_long] and start_short == 96 - 24
+    assert tokenizer.decode(ids_short[start_short:]) == f"{short}<|im_end|>\n"
+    assert len(ids_long) == 96 and tokenizer.decode(ids_long[start_long:]).startswith(long[:30])
+    whole = render_q_inputs(tokenizer, items, 96)
+    assert whole[0].ids[: whole[0].reply_start] != whole[1].ids[: whole[1].reply_start]
+
+    backbone = _frozen_backbone(QFitConfig(base_model=str(tiny_model)), torch.device("cpu"))
+    pad_id = int(tokenizer.pad_token_id)
+    for inputs, same in ((render_q_inputs(tokenizer, items, 96, 24), True), (whole, False)):
+        states = pooled_features(backbone, inputs, poolings=[STATE], batch_size=2, pad_id=pad_id)
+        assert torch.allclose(states[STATE][0], states[STATE][1], atol=1e-5) is same
 
 
 def test_the_reply_is_its_own_final_assistant_message() -> None:
@@ -253,6 +320,11 @@ def test_the_reply_is_its_own_final_assistant_message() -> None:
         ("dtype", "int8", "dtype must be one of"),
         ("device", "tpu", "device must be"),
         ("lora_target_modules", (), "lora_target_modules"),
+        ("head_alphas", (), "head_alphas must be positive"),
+        ("head_alphas", (1.0, 0.0), "head_alphas must be positive"),
+        ("head_cv_folds", 1, "head_cv_folds must be at least 2"),
+        ("eval_bootstrap", -1, "eval_bootstrap must not be negative"),
+        ("max_reply_length", -1, "max_reply_length must not be negative"),
     ],
 )
 def test_config_validation(field: str, value: object, message: str) -> None:
@@ -266,6 +338,19 @@ def test_config_round_trips_and_refuses_unknown_fields() -> None:
     with pytest.raises(ValueError, match="unknown QFitConfig fields"):
         QFitConfig.from_dict({**config.as_dict(), "gamma": 0.9})
     assert all(f.metadata.get("help") for f in QFitConfig.__dataclass_fields__.values())
+
+
+def test_a_manifest_from_before_the_reply_budget_loads_with_the_whole_text_cut(
+    fitted: tuple[QFitResult, list[StepExample]], tmp_path: Path
+) -> None:
+    result, _ = fitted
+    shutil.copytree(result.path, tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / MANIFEST).read_text())
+    del manifest["config"]["max_reply_length"], manifest["config"]["head_alphas"]
+    del manifest["fit"]
+    (tmp_path / "old" / MANIFEST).write_text(json.dumps(manifest))
+    old = QModel.load(tmp_path / "old")
+    assert old.config.max_reply_length == 0 and old.config.reply_budget == 0 and old.fit == {}
 
 
 def test_fit_refuses_bad_input(tiny_model: Path, tmp_path: Path) -> None:
@@ -284,6 +369,98 @@ def test_train_head_weighs_examples() -> None:
     head = train_head(features, torch.tensor([0.0, 1.0]), torch.tensor([3.0, 1.0]), config)
     with torch.no_grad():
         assert float(head(features[:1])) == pytest.approx(0.25, abs=1e-3)
+
+
+def ridge_objective(
+    head: QHead, features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, alpha: float
+) -> float:
+    """sum_i w_i (y_i - Q_i)^2 + alpha |W|^2, weights scaled to mean 1 (the head's units)."""
+    w = weights / weights.mean()
+    with torch.no_grad():
+        residual = head(features) - targets
+        return float((w * residual**2).sum() + alpha * head.out.weight.square().sum())
+
+
+def test_linear_head_is_sklearns_closed_form_ridge() -> None:
+    from sklearn.linear_model import Ridge
+
+    generator = torch.Generator().manual_seed(0)
+    # Features like a backbone's: a few dimensions far larger than the rest.
+    scale = torch.ones(24)
+    scale[:3] = 300.0
+    features = torch.randn(120, 24, generator=generator) * scale + 5.0
+    targets = (features[:, 5] > 5.0).float() + 0.3 * torch.randn(120, generator=generator)
+    weights = torch.rand(120, generator=generator) * 2.0 + 0.1
+    groups = [f"c{i // 4}" for i in range(120)]
+    config = QFitConfig(head_alphas=(0.1, 1.0, 10.0, 100.0, 1000.0))
+    head, alpha = fit_ridge_head(features, targets.tolist(), weights.tolist(), groups, config)
+    assert alpha in config.head_alphas
+
+    standardised = (features.double() - head.feature_mean.double()) / head.feature_std.double()
+    reference = Ridge(alpha=alpha).fit(
+        standardised.numpy(), targets.double().numpy(), sample_weight=(weights / weights.mean())
+    )
+    with torch.no_grad():
+        predicted = head(features).double().numpy()
+    assert predicted == pytest.approx(reference.predict(standardised.numpy()), abs=1e-5)
+
+    # Adam on the same objective (head_l2 is its per-example penalty) does not get lower.
+    adam = train_head(
+        features, targets, weights, replace(config, head_l2=alpha / len(features), head_epochs=30)
+    )
+    closed = ridge_objective(head, features, targets, weights, alpha)
+    assert closed <= ridge_objective(adam, features, targets, weights, alpha) + 1e-6
+
+
+def test_pooled_features_are_the_spans_own_means(tiny_model: Path) -> None:
+    """'state_reply' = [mean over the state's tokens, mean over the reply's], 'mean' over all,
+    STATE the same as running the backbone on the state alone (causal attention)."""
+    config = QFitConfig(base_model=str(tiny_model))
+    tokenizer = load_tokenizer(tiny_model)
+    backbone = _frozen_backbone(config, torch.device("cpu"))
+    items = [(e.system, e.state, e.action) for e in keyword_examples(3)[:7]]
+    inputs = render_q_inputs(tokenizer, items, 80)
+    pooled = pooled_features(
+        backbone,
+        inputs,
+        poolings=["state_reply", "mean", STATE],
+        batch_size=3,
+        pad_id=int(tokenizer.pad_token_id),
+    )
+    for row, (ids, start) in enumerate(inputs):
+        with torch.no_grad():
+            hidden = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            alone = backbone(input_ids=torch.tensor([ids[:start]])).last_hidden_state[0]
+        expected = torch.cat([hidden[:start].mean(0), hidden[start:].mean(0)])
+        assert torch.allclose(pooled["state_reply"][row], expected, atol=1e-5)
+        assert torch.allclose(pooled["mean"][row], hidden.mean(0), atol=1e-5)
+        assert torch.allclose(pooled[STATE][row], alone.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown poolings"):
+        pooled_features(backbone, inputs, poolings=["max"], batch_size=3, pad_id=0)
+
+
+@pytest.mark.parametrize("fitted", ["ridge"], indirect=True)
+def test_a_q_blind_to_the_reply_does_not_rank(
+    fitted: tuple[QFitResult, list[StepExample]],
+) -> None:
+    """The state_reply ridge Q with its reply half zeroed ranks nothing; whole, it does."""
+    result, held_out = fitted
+    model = result.model
+    assert model.config.head_pooling == "state_reply" and model.head is not None
+    blind_head = copy.deepcopy(model.head)
+    with torch.no_grad():
+        n_state = blind_head.out.weight.shape[1] // 2
+        blind_head.out.weight[:, n_state:] = 0.0
+    blind = QModel(
+        config=model.config, tokenizer=model.tokenizer, network=model.network, head=blind_head
+    )
+    config = model.config
+    rank = evaluate(
+        blind, held_out, value=result.value, n_boot=config.eval_bootstrap, seed=config.seed
+    )["rank"]
+    assert rank["corr_lo"] is not None and rank["corr_hi"] is not None
+    assert rank["corr_lo"] < 0.0 < rank["corr_hi"], rank
+    assert result.metrics["rank"]["corr_lo"] > 0.3  # the same Q with the reply ranks
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 # --- Q fit ---
 
 QKind = Literal["finetune", "head"]
-QPooling = Literal["last", "mean", "last_mean"]
+QPooling = Literal["last", "mean", "last_mean", "state_reply"]
 QDtype = Literal["float32", "bfloat16", "float16"]
 Q_KINDS: tuple[QKind, ...] = get_args(QKind)
 Q_POOLINGS: tuple[QPooling, ...] = get_args(QPooling)
@@ -34,7 +34,16 @@ class QFitConfig:
         default=256,
         metadata={
             "help": "Tokens per (state, reply) text; the state is cut from the left so that the "
-            "latest turns and the whole candidate reply are kept."
+            "latest turns and the candidate reply are kept."
+        },
+    )
+    max_reply_length: int = field(
+        default=64,
+        metadata={
+            "help": "Tokens of the reply kept (its start; at most half of max_length); the "
+            "state keeps its last max_length minus that many tokens whatever the reply, so "
+            "replies to one state are scored in one context and V's state features cannot see "
+            "the reply. 0: the whole text is cut from the left (models saved before this)."
         },
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (finetune)."})
@@ -60,11 +69,17 @@ class QFitConfig:
     weight_decay: float = field(
         default=0.0, metadata={"help": "AdamW weight decay of LoRA and score head (finetune)."}
     )
+    # 'mean' stays the default: on PersuasionForGood (600 train decisions, all 1094 dev ones,
+    # max_length 192, reply budget 64, linear heads) 'state_reply' did not rank replies better:
+    # held-out corr(Q - V, G - V) 0.125 [0.049, 0.195] for 'mean', 0.056 [-0.015, 0.137] for
+    # 'state_reply' (tests/benchmarks/pfg_q_eval.py; 95% intervals over dev dialogues).
     head_pooling: QPooling = field(
         default="mean",
         metadata={
-            "help": "Backbone features for the head: the mean hidden state over the tokens, the "
-            "last token's, or both concatenated ('mean', 'last', 'last_mean')."
+            "help": "Backbone features for the head: the mean hidden state over all the tokens "
+            "('mean'), the last token's ('last'), both concatenated ('last_mean'), or the mean "
+            "over the state's tokens beside the mean over the reply's ('state_reply': the reply "
+            "is not diluted by a long state)."
         },
     )
     head_depth: float = field(
@@ -75,22 +90,42 @@ class QFitConfig:
         },
     )
     head_hidden: int = field(
-        default=0, metadata={"help": "Hidden units of the head's one MLP layer; 0 = linear head."}
+        default=0,
+        metadata={
+            "help": "Hidden units of the head's one MLP layer, trained by Adam; 0 = a linear "
+            "head, fitted in closed form (weighted ridge)."
+        },
+    )
+    head_alphas: tuple[float, ...] = field(
+        default=(1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5),
+        metadata={
+            "help": "Ridge penalties tried for the linear head and for the state value V: the "
+            "one of least cross-validated error (folds grouped by conversation) is used. In "
+            "units of sum_i w_i (G_i - Q_i)^2 + alpha |coefficients|^2 on standardised features, "
+            "importance weights w scaled to mean 1; one value = no cross-validation."
+        },
+    )
+    head_cv_folds: int = field(
+        default=5,
+        metadata={
+            "help": "Cross-validation folds for the ridge penalty (at most one per training "
+            "conversation), >= 2."
+        },
     )
     head_learning_rate: float = field(
-        default=1e-3, metadata={"help": "AdamW learning rate of the head (head)."}
+        default=1e-3, metadata={"help": "Adam learning rate of the MLP head (head_hidden > 0)."}
     )
     head_epochs: int = field(
-        default=30, metadata={"help": "Passes over the cached features (head)."}
+        default=30, metadata={"help": "Passes over the cached features (MLP head)."}
     )
     head_batch_size: int = field(
-        default=256, metadata={"help": "Rows per head optimiser step (head)."}
+        default=256, metadata={"help": "Rows per optimiser step (MLP head)."}
     )
     head_l2: float = field(
         default=1.0,
         metadata={
-            "help": "L2 penalty on the head's weights added to the weighted MSE (ridge); frozen "
-            "features of a few hundred conversations overfit without it (head)."
+            "help": "L2 penalty on the MLP head's weights added to the weighted mean squared "
+            "error; frozen features of a few hundred conversations overfit without it."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seeds subsampling, splits and training."})
@@ -113,6 +148,14 @@ class QFitConfig:
         metadata={
             "help": "Cap on training examples (0 = all); subsampled by seed, the same share "
             "from every conversation."
+        },
+    )
+    eval_bootstrap: int = field(
+        default=1000,
+        metadata={
+            "help": "Resamples of the held-out conversations (with replacement) for the 95% "
+            "intervals of the held-out metrics; 0 = no intervals (and then the iteration's "
+            "gate, on the ranking measure's lower bound, cannot pass)."
         },
     )
 
@@ -146,6 +189,8 @@ class QFitConfig:
             "weight_decay": self.weight_decay,
             "head_l2": self.head_l2,
             "max_examples": self.max_examples,
+            "eval_bootstrap": self.eval_bootstrap,
+            "max_reply_length": self.max_reply_length,
         }
         for name, value in non_negative.items():
             if value < 0:
@@ -158,10 +203,20 @@ class QFitConfig:
             raise ValueError(f"eval_fraction must be in [0, 1), not {self.eval_fraction}")
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules must name at least one module")
+        if not self.head_alphas or any(not a > 0 for a in self.head_alphas):
+            raise ValueError(f"head_alphas must be positive penalties, not {self.head_alphas}")
+        if self.head_cv_folds < 2:
+            raise ValueError(f"head_cv_folds must be at least 2, not {self.head_cv_folds}")
+
+    @property
+    def reply_budget(self) -> int:
+        """Tokens the reply may take (0: the whole text is cut from the left)."""
+        return min(self.max_reply_length, self.max_length // 2)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["lora_target_modules"] = list(self.lora_target_modules)
+        data["head_alphas"] = list(self.head_alphas)
         return data
 
     @classmethod
@@ -172,8 +227,9 @@ class QFitConfig:
         if unknown:
             raise ValueError(f"unknown QFitConfig fields: {unknown}")
         values = dict(data)
-        if "lora_target_modules" in values:
-            values["lora_target_modules"] = tuple(values["lora_target_modules"])
+        for name in ("lora_target_modules", "head_alphas"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
 

@@ -7,11 +7,17 @@ return G observed after that decision. Two kinds:
 - `finetune`: the base model as a sequence regressor (one output, LoRA + a fully trained score
   head), trained end to end with the transformers Trainer. The paper's choice; PPO's reward.
 - `head`: a frozen backbone whose pooled hidden states are computed once, and a small head
-  (linear or one hidden layer) trained on them. Minutes on a CPU instead of hours.
+  on them: linear (weighted ridge in closed form, its penalty chosen by cross-validation
+  grouped by conversation) or one hidden layer (Adam). Minutes on a CPU instead of hours.
 
-A fitted model lives in one directory: `q_model.json` (kind, config, metrics, base model path)
-and the adapter (`adapter/`) or the head weights (`head.safetensors`). `QModel.load` reloads it,
-`QModel.score` is the batched reward function, `evaluate` the held-out report.
+Beside Q, fit_q fits a state-only value V(s) (ridge on the backbone's mean hidden state over the
+state, without the reply) for the held-out ranking measure: does Q(s, a) - V(s), the part PPO
+uses, predict G - V(s)? See workers/learning/held_out.py.
+
+A fitted model lives in one directory: `q_model.json` (kind, config, metrics, the fit's chosen
+penalties, base model path) and the adapter (`adapter/`) or the head weights
+(`head.safetensors`). `QModel.load` reloads it, `QModel.score` is the batched reward function,
+`evaluate` the held-out report.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,8 +51,10 @@ from transformers import (
 )
 
 from workers.learning.chat import ChatMessage, Turn, chat_turns
-from workers.learning.configs import QFitConfig
+from workers.learning.configs import Q_POOLINGS, QFitConfig
 from workers.learning.examples import StepExample
+from workers.learning.held_out import QMetrics, held_out_metrics
+from workers.learning.ridge import fit_ridge, normalised_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +67,14 @@ ScoreItem = tuple[str | None, Sequence[Turn], str]  # (system, state, candidate 
 Progress = Callable[[str, float], None]
 
 
-class OutcomeMetrics(TypedDict):
-    n: int
-    mse: float | None  # of Q against the return G
-    auc: float | None  # ROC AUC of Q against the conversation's outcome; None with one class
-    brier: float | None  # of clip(Q, 0, 1) against the outcome
+STATE = "state"  # the mean hidden state over the state's tokens: V's features
 
 
-QMetrics = dict[str, OutcomeMetrics]  # "all" examples, and "first_half" (step < n_steps / 2)
+class QInput(NamedTuple):
+    """A rendered (system, state, reply): token ids, and where the reply starts in them."""
+
+    ids: list[int]
+    reply_start: int  # index of the reply's first token (0 when the left cut reached the reply)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class QFitResult:
     path: Path
     model: QModel
     metrics: QMetrics  # empty when nothing was held out
+    fit: dict[str, float | None]  # the chosen ridge penalties: head_alpha, v_alpha
+    value: QHead  # V(s) on the state features (STATE pooling of the frozen backbone)
     n_train: int
     n_eval: int
     seconds: float
@@ -90,24 +100,64 @@ def q_messages(system: str | None, state: Sequence[Turn], action: str) -> list[C
 
 
 def render_q_inputs(
-    tokenizer: PreTrainedTokenizerBase, items: Sequence[ScoreItem], max_length: int
-) -> list[list[int]]:
-    """Token ids of each (system, state, reply) in the chat template, cut from the left.
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[ScoreItem],
+    max_length: int,
+    max_reply_length: int = 0,
+) -> list[QInput]:
+    """Token ids of each (system, state, reply) in the chat template, and where the reply
+    starts in them. The reply span runs from the reply's first token to the end (its closing
+    template tokens included).
 
-    Cutting tokens from the left keeps the latest turns and the reply, which is what Q needs
-    most; only a reply longer than max_length itself loses its start.
+    With max_reply_length, the reply keeps its first max_reply_length tokens and the state (all
+    before the reply) its last max_length - max_reply_length: the state's tokens are then the
+    same whatever the reply, so replies to one state are compared in one context, and the
+    state's hidden states (V's features) cannot tell anything about the reply. With 0 (models
+    saved before this option), the whole text is cut from the left to max_length, so that a
+    longer reply leaves less of the state.
     """
-    texts = [
-        str(
-            tokenizer.apply_chat_template(
-                [m.as_dict() for m in q_messages(system, state, action)], tokenize=False
-            )
-        )
-        for system, state, action in items
-    ]
+    texts, reply_chars = [], []
+    for system, state, action in items:
+        messages = [m.as_dict() for m in q_messages(system, state, action)]
+        text = str(tokenizer.apply_chat_template(messages, tokenize=False))
+        texts.append(text)
+        reply_chars.append(_reply_char_start(tokenizer, messages, text, action))
     # The template already spells out its special tokens.
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [list(ids[-max_length:]) for ids in encoded]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    inputs = []
+    for ids, offsets, reply_char in zip(
+        encoded["input_ids"], encoded["offset_mapping"], reply_chars, strict=True
+    ):
+        # The first token that reaches into the reply (a token spanning the boundary counts).
+        start = next((i for i, (_, end) in enumerate(offsets) if end > reply_char), len(ids))
+        if max_reply_length:
+            state = list(ids[max(0, start - (max_length - max_reply_length)) : start])
+            inputs.append(QInput(state + list(ids[start : start + max_reply_length]), len(state)))
+        else:
+            cut = max(0, len(ids) - max_length)
+            inputs.append(QInput(list(ids[cut:]), max(0, start - cut)))
+    return inputs
+
+
+def _reply_char_start(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], text: str, action: str
+) -> int:
+    """Where the final assistant message's content starts in the rendered text."""
+    if len(messages) > 1:
+        prompt = str(
+            tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        )
+        if text.startswith(prompt):
+            return len(prompt)
+    # No prompt, or a template that adds a default system prompt: find the reply itself.
+    if not action.strip():
+        return len(text)  # nothing to find: an empty reply span
+    found = text.rfind(action.strip())
+    if found < 0:
+        raise ValueError(
+            "the chat template does not render the reply verbatim; its span cannot be found"
+        )
+    return found
 
 
 def load_tokenizer(base_model: str | Path) -> PreTrainedTokenizerBase:
@@ -183,46 +233,34 @@ def subsample_examples(
 # -- metrics --------------------------------------------------------------------------------
 
 
-def outcome_metrics(
-    q_values: Sequence[float], returns: Sequence[float], outcomes: Sequence[int]
-) -> OutcomeMetrics:
-    """MSE against the returns, ROC AUC and Brier score against the outcomes."""
-    from sklearn.metrics import (  # type: ignore[import-untyped]
-        brier_score_loss,
-        roc_auc_score,
-    )
-
-    n = len(q_values)
-    if n == 0:
-        return OutcomeMetrics(n=0, mse=None, auc=None, brier=None)
-    q = np.asarray(q_values, dtype=np.float64)
-    y = np.asarray(outcomes, dtype=np.int64)
-    mse = float(np.mean((q - np.asarray(returns, dtype=np.float64)) ** 2))
-    auc = float(roc_auc_score(y, q)) if len(np.unique(y)) == 2 else None
-    brier = float(brier_score_loss(y, np.clip(q, 0.0, 1.0), pos_label=1))
-    return OutcomeMetrics(n=n, mse=mse, auc=auc, brier=brier)
-
-
-def q_metrics(q_values: Sequence[float], examples: Sequence[StepExample]) -> QMetrics:
-    """outcome_metrics over all examples and over the first half of each conversation.
-
-    The first half is the harder and more useful test: late turns often state the outcome.
-    """
-    first = [i for i, e in enumerate(examples) if e.step < e.n_steps / 2]
-    return {
-        "all": outcome_metrics(q_values, [e.ret for e in examples], [e.outcome for e in examples]),
-        "first_half": outcome_metrics(
-            [q_values[i] for i in first],
-            [examples[i].ret for i in first],
-            [examples[i].outcome for i in first],
-        ),
-    }
-
-
-def evaluate(q: QModel, examples: Sequence[StepExample], *, batch_size: int = 16) -> QMetrics:
-    """Score the examples with q and report q_metrics."""
-    values = q.score([(e.system, e.state, e.action) for e in examples], batch_size=batch_size)
-    return q_metrics(values, examples)
+def evaluate(
+    q: QModel,
+    examples: Sequence[StepExample],
+    *,
+    value: QHead | None = None,
+    batch_size: int = 16,
+    n_boot: int = 0,
+    seed: int = 0,
+) -> QMetrics:
+    """Score the examples with q and report held_out_metrics; with value (V of fit_q, which
+    reads the state features of q's frozen backbone) also the ranking measure (head kind)."""
+    items = [(e.system, e.state, e.action) for e in examples]
+    v_values = None
+    if value is None:
+        q_values = q.score(items, batch_size=batch_size)
+    else:
+        if q.head is None:
+            raise ValueError("V reads a frozen backbone's features: evaluate it beside a head Q")
+        pooling = q.config.head_pooling
+        features = pooled_features(
+            q.network,
+            render_q_inputs(q.tokenizer, items, q.config.max_length, q.config.reply_budget),
+            poolings=[pooling, STATE],
+            batch_size=batch_size,
+            pad_id=int(q.tokenizer.pad_token_id),
+        )
+        q_values, v_values = _apply(q.head, features[pooling]), _apply(value, features[STATE])
+    return held_out_metrics(q_values, examples, v_values=v_values, n_boot=n_boot, seed=seed)
 
 
 # -- the head kind --------------------------------------------------------------------------
@@ -253,40 +291,101 @@ class QHead(nn.Module):
 
 def pooled_features(
     backbone: nn.Module,
-    inputs: Sequence[Sequence[int]],
+    inputs: Sequence[QInput],
     *,
-    pooling: str,
+    poolings: Sequence[str],
     batch_size: int,
     pad_id: int,
     progress: Progress | None = None,
-) -> torch.Tensor:
-    """One feature row per input: the token mean of the hidden states and/or the last token's.
+) -> dict[str, torch.Tensor]:
+    """Feature rows of each input, by pooling (one forward pass serves them all).
 
-    The mean is the default: the last token of a frozen LM is tuned to predict the next token,
-    and on PersuasionForGood its mean-pooled middle layers ranked outcomes better.
+    'mean': the token mean of the hidden states; 'last': the last token's; 'last_mean': both;
+    'state_reply': the mean over the state's tokens beside the mean over the reply's;
+    STATE: the mean over the state's tokens alone (V's features). Under causal attention the
+    state's hidden states do not depend on the reply, so STATE is what the state alone gives.
+    An empty span (e.g. no state left by max_length) pools to zeros.
     """
+    unknown = sorted(set(poolings) - {*Q_POOLINGS, STATE})
+    if unknown:
+        raise ValueError(f"unknown poolings {unknown}")
     device = next(backbone.parameters()).device
-    rows: list[torch.Tensor | None] = [None] * len(inputs)
-    batches = _length_batches(inputs, batch_size)
+    rows: dict[str, list[torch.Tensor | None]] = {p: [None] * len(inputs) for p in poolings}
+    batches = _length_batches([x.ids for x in inputs], batch_size)
     with torch.inference_mode():
         for done, batch in enumerate(batches, start=1):
             input_ids, attention_mask = (
-                t.to(device) for t in _pad_right([inputs[i] for i in batch], pad_id)
+                t.to(device) for t in _pad_right([inputs[i].ids for i in batch], pad_id)
             )
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask)
             hidden = hidden.last_hidden_state.float()
-            parts = []
-            if pooling in ("last", "last_mean"):
-                positions = torch.arange(len(batch), device=device)
-                parts.append(hidden[positions, attention_mask.sum(1) - 1])
-            if pooling in ("mean", "last_mean"):
-                mask = attention_mask.unsqueeze(-1).float()
-                parts.append((hidden * mask).sum(1) / mask.sum(1))
-            for row, index in zip(torch.cat(parts, -1).cpu(), batch, strict=True):
-                rows[index] = row
+            position = torch.arange(hidden.shape[1], device=device)[None, :]
+            starts = torch.tensor([inputs[i].reply_start for i in batch], device=device)
+            valid = attention_mask.bool()
+            span_means = {
+                "all": _masked_mean(hidden, valid),
+                "state": _masked_mean(hidden, valid & (position < starts[:, None])),
+                "reply": _masked_mean(hidden, valid & (position >= starts[:, None])),
+            }
+            last = hidden[torch.arange(len(batch), device=device), attention_mask.sum(1) - 1]
+            parts = {
+                "mean": span_means["all"],
+                "last": last,
+                "last_mean": torch.cat([last, span_means["all"]], -1),
+                "state_reply": torch.cat([span_means["state"], span_means["reply"]], -1),
+                STATE: span_means["state"],
+            }
+            for pooling in poolings:
+                for row, index in zip(parts[pooling].cpu(), batch, strict=True):
+                    rows[pooling][index] = row
             if progress is not None:
                 progress("features", done / len(batches))
-    return torch.stack([row for row in rows if row is not None])
+    return {p: torch.stack([row for row in rows[p] if row is not None]) for p in poolings}
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).float()
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _standardiser(features: torch.Tensor, hidden: int) -> QHead:
+    """A head whose buffers standardise these features (its layers still untrained)."""
+    head = QHead(features.shape[1], hidden)
+    head.feature_mean.copy_(features.mean(0))
+    head.feature_std.copy_(features.std(0).clamp_min(1e-6))
+    return head
+
+
+def fit_ridge_head(
+    features: torch.Tensor,
+    targets: Sequence[float],
+    weights: Sequence[float],
+    groups: Sequence[str],
+    config: QFitConfig,
+) -> tuple[QHead, float]:
+    """The linear head in closed form: weighted ridge on the standardised features, alpha from
+    config.head_alphas by cross-validation grouped by conversation; returns (head, alpha)."""
+    head = _standardiser(features, hidden=0)
+    standardised = (features.double() - head.feature_mean.double()) / head.feature_std.double()
+    fit = fit_ridge(
+        standardised.numpy(),
+        np.asarray(targets, dtype=np.float64),
+        normalised_weights(weights),
+        groups,
+        config.head_alphas,
+        config.head_cv_folds,
+    )
+    with torch.no_grad():
+        head.out.weight.copy_(torch.from_numpy(fit.coef)[None, :])
+        head.out.bias.fill_(fit.intercept)
+    log.info("ridge head: alpha %g (grouped CV MSE by alpha: %s)", fit.alpha, fit.cv_mse)
+    head.eval()
+    return head, fit.alpha
+
+
+def _apply(head: QHead, features: torch.Tensor) -> list[float]:
+    with torch.inference_mode():
+        return [float(v) for v in head(features.to(head.feature_mean.device)).cpu()]
 
 
 def train_head(
@@ -296,12 +395,11 @@ def train_head(
     config: QFitConfig,
     progress: Progress | None = None,
 ) -> QHead:
-    """Ridge-style regression of the targets on cached features: weighted MSE plus head_l2
-    times the squared weights, Adam on shuffled minibatches."""
+    """Regression of the targets on cached features by Adam on shuffled minibatches: weighted
+    MSE plus head_l2 times the squared weights. The MLP head's trainer; the linear head has a
+    closed form (fit_ridge_head)."""
     torch.manual_seed(config.seed)
-    head = QHead(features.shape[1], config.head_hidden)
-    head.feature_mean.copy_(features.mean(0))
-    head.feature_std.copy_(features.std(0).clamp_min(1e-6))
+    head = _standardiser(features, config.head_hidden)
     with torch.no_grad():
         # Start at the mean return: the head then only learns how examples differ from it.
         head.out.bias.fill_(float((weights * targets).sum() / weights.sum()))
@@ -467,6 +565,7 @@ class QModel:
         head: QHead | None = None,
         return_offset: float = 0.0,
         metrics: QMetrics | None = None,
+        fit: dict[str, float | None] | None = None,
     ) -> None:
         if config.kind == "head" and head is None:
             raise ValueError("a head Q model needs its head")
@@ -478,6 +577,7 @@ class QModel:
         self.head = head
         self.return_offset = return_offset  # added to the regressor's output (finetune)
         self.metrics: QMetrics = metrics or {}
+        self.fit: dict[str, float | None] = fit or {}  # the chosen ridge penalties
         self.device = next(network.parameters()).device
         if head is not None:
             head.to(self.device)
@@ -490,23 +590,22 @@ class QModel:
         """Q of each (system, state, candidate reply)."""
         if not items:
             return []
-        inputs = render_q_inputs(self.tokenizer, items, self.config.max_length)
+        inputs = render_q_inputs(
+            self.tokenizer, items, self.config.max_length, self.config.reply_budget
+        )
         pad_id = int(self.tokenizer.pad_token_id)
         self.network.eval()
         if self.head is not None:
+            pooling = self.config.head_pooling
             features = pooled_features(
-                self.network,
-                inputs,
-                pooling=self.config.head_pooling,
-                batch_size=batch_size,
-                pad_id=pad_id,
+                self.network, inputs, poolings=[pooling], batch_size=batch_size, pad_id=pad_id
             )
-            with torch.inference_mode():
-                return [float(v) for v in self.head(features.to(self.device)).cpu()]
+            return _apply(self.head, features[pooling])
         values = [0.0] * len(inputs)
+        ids = [x.ids for x in inputs]
         with torch.inference_mode():
-            for batch in _length_batches(inputs, batch_size):
-                input_ids, attention_mask = _pad_right([inputs[i] for i in batch], pad_id)
+            for batch in _length_batches(ids, batch_size):
+                input_ids, attention_mask = _pad_right([ids[i] for i in batch], pad_id)
                 logits = self.network(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),
@@ -529,6 +628,7 @@ class QModel:
             "config": self.config.as_dict(),
             "return_offset": self.return_offset,
             "metrics": self.metrics,
+            "fit": self.fit,
         }
         # Written last: a directory with a manifest is a complete model.
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -547,7 +647,8 @@ class QModel:
             raise ValueError(
                 f"{manifest_path}: unsupported format {manifest.get('format_version')}"
             )
-        config = QFitConfig.from_dict(manifest["config"])
+        # A model saved before max_reply_length saw its text cut from the left as a whole.
+        config = QFitConfig.from_dict({"max_reply_length": 0, **manifest["config"]})
         config = replace(
             config, base_model=base_model or config.base_model, device=device or config.device
         )
@@ -574,6 +675,7 @@ class QModel:
             head=head,
             return_offset=float(manifest["return_offset"]),
             metrics=manifest["metrics"],
+            fit=manifest.get("fit", {}),  # absent in models saved before the ridge head
         )
 
 
@@ -614,7 +716,8 @@ def fit_q(
     output_dir: Path,
     progress: Progress | None = None,
 ) -> QFitResult:
-    """Fit Q on the training examples, evaluate on eval (or a held-out share), save to output_dir.
+    """Fit Q (and V beside it) on the training examples, evaluate on eval (or a held-out
+    share), save Q to output_dir.
 
     progress, if given, is called with (stage, fraction done), stage one of "features",
     "train", "evaluate".
@@ -632,36 +735,66 @@ def fit_q(
     tokenizer = load_tokenizer(config.base_model)
     pad_id = int(tokenizer.pad_token_id)
     inputs = render_q_inputs(
-        tokenizer, [(e.system, e.state, e.action) for e in train], config.max_length
+        tokenizer,
+        [(e.system, e.state, e.action) for e in train],
+        config.max_length,
+        config.reply_budget,
+    )
+    eval_inputs = render_q_inputs(
+        tokenizer,
+        [(e.system, e.state, e.action) for e in eval],
+        config.max_length,
+        config.reply_budget,
     )
     targets = [float(e.ret) for e in train]
     weights = [float(e.weight) for e in train]
+    groups = [e.conversation_id for e in train]
     log.info(
         "fitting a %s Q on %d examples (%d held out), mean length %.0f tokens",
         config.kind,
         len(train),
         len(eval),
-        sum(map(len, inputs)) / len(inputs),
+        sum(len(x.ids) for x in inputs) / len(inputs),
     )
+    # The frozen backbone gives the head's features and, for either kind, V's.
+    backbone = _frozen_backbone(config, resolve_device(config.device))
+    poolings = [config.head_pooling, STATE] if config.kind == "head" else [STATE]
+    features = pooled_features(
+        backbone,
+        inputs,
+        poolings=poolings,
+        batch_size=config.batch_size,
+        pad_id=pad_id,
+        progress=progress,
+    )
+    eval_features = (
+        pooled_features(
+            backbone, eval_inputs, poolings=poolings, batch_size=config.batch_size, pad_id=pad_id
+        )
+        if eval_inputs
+        else {}
+    )
+    value, v_alpha = fit_ridge_head(features[STATE], targets, weights, groups, config)
+    fit: dict[str, float | None] = {"head_alpha": None, "v_alpha": v_alpha}
     model: QModel
     if config.kind == "head":
-        backbone = _frozen_backbone(config, resolve_device(config.device))
-        features = pooled_features(
-            backbone,
-            inputs,
-            pooling=config.head_pooling,
-            batch_size=config.batch_size,
-            pad_id=pad_id,
-            progress=progress,
-        )
-        head = train_head(features, torch.tensor(targets), torch.tensor(weights), config, progress)
-        model = QModel(config=config, tokenizer=tokenizer, network=backbone, head=head)
+        pooled = features[config.head_pooling]
+        if config.head_hidden == 0:
+            head, fit["head_alpha"] = fit_ridge_head(pooled, targets, weights, groups, config)
+            if progress is not None:
+                progress("train", 1.0)
+        else:
+            head = train_head(
+                pooled, torch.tensor(targets), torch.tensor(weights), config, progress
+            )
+        model = QModel(config=config, tokenizer=tokenizer, network=backbone, head=head, fit=fit)
     else:
+        backbone = None  # V's features are computed: free its memory for the fine-tune
         # The score head has no bias: regress the deviation from the mean return instead.
         offset = float(np.average(targets, weights=weights))
         with tempfile.TemporaryDirectory(prefix="q-trainer-") as work_dir:
             regressor = _fit_finetune(
-                inputs,
+                [x.ids for x in inputs],
                 [t - offset for t in targets],
                 weights,
                 config,
@@ -669,11 +802,25 @@ def fit_q(
                 Path(work_dir),
                 progress,
             )
-        model = QModel(config=config, tokenizer=tokenizer, network=regressor, return_offset=offset)
+        model = QModel(
+            config=config, tokenizer=tokenizer, network=regressor, return_offset=offset, fit=fit
+        )
     if eval:
         if progress is not None:
             progress("evaluate", 0.0)
-        model.metrics = evaluate(model, eval, batch_size=config.batch_size)
+        if model.head is not None:
+            q_values = _apply(model.head, eval_features[config.head_pooling])
+        else:
+            q_values = model.score(
+                [(e.system, e.state, e.action) for e in eval], batch_size=config.batch_size
+            )
+        model.metrics = held_out_metrics(
+            q_values,
+            eval,
+            v_values=_apply(value, eval_features[STATE]),
+            n_boot=config.eval_bootstrap,
+            seed=config.seed,
+        )
         log.info("held-out Q metrics: %s", model.metrics)
     model.save(output_dir)
     if progress is not None:
@@ -682,6 +829,8 @@ def fit_q(
         path=output_dir,
         model=model,
         metrics=model.metrics,
+        fit=fit,
+        value=value,
         n_train=len(train),
         n_eval=len(eval),
         seconds=time.monotonic() - started,
