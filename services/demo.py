@@ -250,7 +250,6 @@ def run_demo(
             "generation_timeout_s": 120.0,
             "embedded_max_batch": config.batch_size,
             "embedded_batch_window_ms": 30.0,
-            "q_auc_floor": 0.5,
         }
     )
     upgrade(demo_settings.sqlalchemy_url)

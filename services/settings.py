@@ -130,12 +130,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Ended conversations since the last iteration that trigger a new one.",
     )
-    q_auc_floor: float = Field(
-        default=0.55,
-        ge=0.0,
-        le=1.0,
-        description="Gate: an iteration stops unless held-out Q ROC AUC reaches this "
-        "(an operator may override).",
+    q_rank_floor: float = Field(
+        default=0.0,
+        ge=-1.0,
+        lt=1.0,
+        description="Gate: an iteration stops unless the lower end of the held-out interval of "
+        "corr(Q - V, G - V) (Q ranks replies) lies above this (an operator may override).",
     )
 
     @field_validator("database_url")

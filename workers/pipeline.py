@@ -27,6 +27,7 @@ from services.experiments.service import ArmSpec, create_experiment, stop_experi
 from services.iterations import service
 from services.iterations.dataset import build_examples
 from services.iterations.models import Iteration, Step
+from services.iterations.pipeline_config import PipelineConfig
 from services.policies import service as policies
 from services.policies.models import PolicyStatus
 from services.policies.prompt import ChatMessage, Turn, chat_turns
@@ -124,6 +125,12 @@ class Context:
         self.progress = progress
         self.configs: dict[str, Any] = iteration.configs
 
+    @property
+    def pipeline(self) -> PipelineConfig:
+        """The iteration's own config, validated again as stored (a row from an older version
+        with an unknown key fails here, loudly)."""
+        return PipelineConfig(**self.configs["pipeline"])
+
     def dir(self, step: Step) -> Path:
         return step_dir(self.settings, self.iteration.id, step)
 
@@ -152,7 +159,7 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
             f"{list(config.sources)}: {stats.conversations} ended conversations in the window, "
             f"{stats.decisions} decisions, by source {stats.by_source}, excluded {stats.excluded}"
         )
-    fraction = float(ctx.configs["pipeline"]["eval_fraction"])
+    fraction = ctx.pipeline.eval_fraction
     held_out = [e for e in examples if unit_interval("split", e.conversation_id) < fraction]
     train = [e for e in examples if unit_interval("split", e.conversation_id) >= fraction]
     if not held_out or not train:  # tiny data: keep both sides non-empty
@@ -167,7 +174,7 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
             continue
         seen.add((e.conversation_id, e.state))
         prompts.append({"system": e.system, "state": [[t.role, t.text] for t in e.state]})
-        if len(prompts) >= int(ctx.configs["pipeline"]["max_prompts"]):
+        if len(prompts) >= ctx.pipeline.max_prompts:
             break
     final = ctx.dir(Step.RETURNS)
     tmp = _fresh_dir(final, ctx.attempt)
@@ -212,11 +219,11 @@ def step_fit_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
 def step_evaluate_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     """The gate: Q must rank replies, i.e. the lower bound of the held-out correlation of
     Q - V with G - V must lie above the floor; the AUC is reported beside it, not gated on."""
-    from workers.learning.held_out import DEFAULT_RANK_FLOOR, rank_gate
+    from workers.learning.held_out import rank_gate
 
     fitted = ctx.result_of(Step.FIT_Q)
-    floor = ctx.configs["pipeline"].get("rank_floor")
-    gate = rank_gate(fitted, float(floor if floor is not None else DEFAULT_RANK_FLOOR))
+    floor = ctx.pipeline.rank_floor
+    gate = rank_gate(fitted, floor if floor is not None else ctx.settings.q_rank_floor)
     overridden = not gate["passed"] and bool(ctx.iteration.override_gate)
     result: dict[str, Any] = {
         **gate,
@@ -306,7 +313,7 @@ def step_deploy(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     """Approved: pi_{i+1} against pi_i in a fresh A/B experiment for the same scope."""
     candidate = ctx.iteration.candidate_policy_id
     assert candidate is not None
-    weight = float(ctx.configs["pipeline"]["ab_weight"])
+    weight = ctx.pipeline.ab_weight
     with session_scope(ctx.factory) as session:
         policies.transition(session, policy_id=candidate, to=PolicyStatus.APPROVED)
         scope = ctx.iteration.business_id or GLOBAL_SCOPE

@@ -17,18 +17,19 @@ class PipelineConfig:
         default=0.2,
         metadata={
             "help": "Share of conversations held out from Q's training to evaluate it (the Q "
-            "gate's ROC AUC), in (0, 1)."
+            "gate), in (0, 1)."
         },
     )
     max_prompts: int = field(
         default=64,
         metadata={"help": "Logged states (customer's turn) used as improvement prompts, >= 1."},
     )
-    q_floor: float | None = field(
+    rank_floor: float | None = field(
         default=None,
         metadata={
-            "help": "The Q gate: held-out ROC AUC the fitted Q must reach, in [0, 1]. None: "
-            "OUTCOMELOOP_Q_AUC_FLOOR."
+            "help": "The Q gate: the lower end of the 95% interval of the held-out correlation "
+            "of Q(s, a) - V(s) with G - V(s) (does Q rank replies?) must lie above this, in "
+            "[-1, 1). None: OUTCOMELOOP_Q_RANK_FLOOR."
         },
     )
     ab_weight: float = field(
@@ -48,7 +49,7 @@ class PipelineConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), not {self.eval_fraction}")
         if self.max_prompts < 1:
             raise ValueError(f"max_prompts must be at least 1, not {self.max_prompts}")
-        if self.q_floor is not None and not 0.0 <= self.q_floor <= 1.0:
-            raise ValueError(f"q_floor must be in [0, 1] or None, not {self.q_floor}")
+        if self.rank_floor is not None and not -1.0 <= self.rank_floor < 1.0:
+            raise ValueError(f"rank_floor must be in [-1, 1) or None, not {self.rank_floor}")
         if not 0.0 < self.ab_weight < 1.0:
             raise ValueError(f"ab_weight must be in (0, 1), not {self.ab_weight}")

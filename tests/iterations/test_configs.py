@@ -88,7 +88,7 @@ def test_pipeline_config_checks_its_ranges() -> None:
         {"eval_fraction": 0.0},
         {"eval_fraction": 1.0},
         {"max_prompts": 0},
-        {"q_floor": 1.5},
+        {"rank_floor": 1.5},
         {"ab_weight": 1.0},
         {"ab_weight": math.nan},
     ):
@@ -126,7 +126,7 @@ NAN = float("nan")
         ({"data": {"max_prompts": 0}}, "max_prompts must be at least 1"),
         ({"data": {"eval_fraction": [1]}}, "data.eval_fraction"),
         ({"data": {"ab_weight": 2}}, "ab_weight must be in (0, 1)"),
-        ({"data": {"q_floor": NAN}}, "data.q_floor"),
+        ({"data": {"rank_floor": NAN}}, "data.rank_floor"),
         ({"data": {"override_gate": "yes"}}, "data.override_gate"),
         ({"data": {"gamma": 2}}, "gamma must be in (0, 1]"),
         ({"data": {"sources": ["everything"]}}, "data.sources.0"),
@@ -182,7 +182,7 @@ def test_the_schema_is_published(api: TestClient, sqlite_store: Store) -> None:
         data["ab_weight"]["description"]
         == _config_fields(PipelineConfig)["ab_weight"].metadata["help"]
     )
-    assert data["sources"]["items"]["enum"] and data["q_floor"]["anyOf"]
+    assert data["sources"]["items"]["enum"] and data["rank_floor"]["anyOf"]
     openapi = api.get("/openapi.json").json()
     body = openapi["paths"]["/v1/iterations"]["post"]["requestBody"]["content"]
     refs = {item["$ref"] for item in body["application/json"]["schema"]["oneOf"]}
@@ -308,7 +308,7 @@ def test_beat_starts_iterations_with_the_served_sampling(fresh_store: Store) -> 
         assert it.configs["pipeline"] == {
             "eval_fraction": 0.2,
             "max_prompts": 64,
-            "q_floor": None,
+            "rank_floor": None,
             "ab_weight": 0.5,
             "override_gate": False,
         }

@@ -62,7 +62,7 @@ def test_two_automatic_iterations_advance_the_lineage(
 ) -> None:
     store = fresh_store
     store.settings = store.settings.model_copy(
-        update={"beat_min_new_conversations": 10, "q_auc_floor": 0.0, "task_runner": "inline"}
+        update={"beat_min_new_conversations": 10, "task_runner": "inline"}
     )
     business = "lineage"
     with session_scope(store.factory) as session:

@@ -164,7 +164,7 @@ def test_q_gate_stops_and_an_operator_can_override(
         headers=auth(operator),
         json={
             "hyperparameters": TINY_HYPER,
-            "data": {"business_id": business, "max_prompts": 2, "q_floor": 0.5},
+            "data": {"business_id": business, "max_prompts": 2, "rank_floor": 0.5},
         },
     ).json()
     failed = wait_for(inline_client, operator, created["id"], {"failed", "awaiting_approval"})

@@ -30,10 +30,6 @@ from workers.learning.examples import StepExample
 
 Array = NDArray[np.float64]
 INTERVAL_PERCENTILES = (2.5, 97.5)
-# The gate's default floor for the lower bound of corr(Q - V, G - V): 0 asks only that Q
-# ranks replies better than chance with 97.5% confidence. The iteration's pipeline config
-# ("rank_floor") overrides it.
-DEFAULT_RANK_FLOOR = 0.0
 # Below this variance Q - V (or G - V) is constant: it ranks nothing, the correlation is 0.
 _FLAT = 1e-12
 
