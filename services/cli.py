@@ -43,8 +43,9 @@ app.add_typer(iterate_app, name="iterate")
 app.add_typer(q_app, name="q")
 app.add_typer(data_app, name="data")
 
-err = Console(stderr=True)
-out = Console()
+# soft_wrap: an error line or a JSON line is never broken at the terminal width (logs, pipes).
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
