@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 
 # --- Q fit ---
 
-QKind = Literal["finetune", "head"]
+QKind = Literal["finetune", "head", "lexical"]
 QPooling = Literal["last", "mean", "last_mean", "state_reply"]
 QDtype = Literal["float32", "bfloat16", "float16"]
 Q_KINDS: tuple[QKind, ...] = get_args(QKind)
@@ -23,7 +23,9 @@ class QFitConfig:
         default="head",
         metadata={
             "help": "'finetune': LoRA + score head on the base model, trained end to end (the "
-            "paper's reward model). 'head': a small head on frozen backbone features (fast on CPU)."
+            "paper's reward model). 'head': a small head on frozen backbone features (fast on "
+            "CPU). 'lexical': a ridge on TF-IDF blocks of the state's and the reply's words, no "
+            "language model (seconds)."
         },
     )
     base_model: str = field(
@@ -128,6 +130,24 @@ class QFitConfig:
             "error; frozen features of a few hundred conversations overfit without it."
         },
     )
+    lexical_max_ngram: int = field(
+        default=2, metadata={"help": "Longest word n-gram of the lexical kind's TF-IDF blocks."}
+    )
+    lexical_min_df: int = field(
+        default=2,
+        metadata={
+            "help": "An n-gram enters a lexical block's vocabulary in at least this many "
+            "training decisions."
+        },
+    )
+    lexical_alphas: tuple[float, ...] = field(
+        default=(0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3),
+        metadata={
+            "help": "Ridge penalties tried for the lexical kind's Q and V (grouped cross-"
+            "validation as head_alphas); its blocks are l2-normalised TF-IDF rows, not "
+            "standardised features, hence a grid of its own."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seeds subsampling, splits and training."})
     device: str = field(
         default="auto", metadata={"help": "'auto' (CUDA when present, else CPU), 'cpu', 'cuda'."}
@@ -180,6 +200,8 @@ class QFitConfig:
             "head_batch_size": self.head_batch_size,
             "learning_rate": self.learning_rate,
             "head_learning_rate": self.head_learning_rate,
+            "lexical_max_ngram": self.lexical_max_ngram,
+            "lexical_min_df": self.lexical_min_df,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -205,6 +227,10 @@ class QFitConfig:
             raise ValueError("lora_target_modules must name at least one module")
         if not self.head_alphas or any(not a > 0 for a in self.head_alphas):
             raise ValueError(f"head_alphas must be positive penalties, not {self.head_alphas}")
+        if not self.lexical_alphas or any(not a > 0 for a in self.lexical_alphas):
+            raise ValueError(
+                f"lexical_alphas must be positive penalties, not {self.lexical_alphas}"
+            )
         if self.head_cv_folds < 2:
             raise ValueError(f"head_cv_folds must be at least 2, not {self.head_cv_folds}")
 
@@ -217,6 +243,7 @@ class QFitConfig:
         data = asdict(self)
         data["lora_target_modules"] = list(self.lora_target_modules)
         data["head_alphas"] = list(self.head_alphas)
+        data["lexical_alphas"] = list(self.lexical_alphas)
         return data
 
     @classmethod
@@ -227,7 +254,7 @@ class QFitConfig:
         if unknown:
             raise ValueError(f"unknown QFitConfig fields: {unknown}")
         values = dict(data)
-        for name in ("lora_target_modules", "head_alphas"):
+        for name in ("lora_target_modules", "head_alphas", "lexical_alphas"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)

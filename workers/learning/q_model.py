@@ -2,22 +2,26 @@
 
 As in Jiang et al. (2025), Q is fitted like a single-turn reward model: the input is the chat
 the policy sees plus the candidate reply as the final assistant message, the target is the
-return G observed after that decision. Two kinds:
+return G observed after that decision. Three kinds:
 
 - `finetune`: the base model as a sequence regressor (one output, LoRA + a fully trained score
   head), trained end to end with the transformers Trainer. The paper's choice; PPO's reward.
 - `head`: a frozen backbone whose pooled hidden states are computed once, and a small head
   on them: linear (weighted ridge in closed form, its penalty chosen by cross-validation
   grouped by conversation) or one hidden layer (Adam). Minutes on a CPU instead of hours.
+- `lexical`: no language model; a weighted ridge on TF-IDF blocks of the state's and the
+  reply's words (workers/learning/lexical.py). Seconds on a CPU.
 
 Beside Q, fit_q fits a state-only value V(s) (ridge on the backbone's mean hidden state over the
-state, without the reply) for the held-out ranking measure: does Q(s, a) - V(s), the part PPO
-uses, predict G - V(s)? See workers/learning/held_out.py.
+state, without the reply; for `lexical`, a ridge on its state blocks) for the held-out ranking
+measure: does Q(s, a) - V(s), the part PPO uses, predict G - V(s)? See
+workers/learning/held_out.py.
 
 A fitted model lives in one directory: `q_model.json` (kind, config, metrics, the fit's chosen
-penalties, base model path) and the adapter (`adapter/`) or the head weights
-(`head.safetensors`). `QModel.load` reloads it, `QModel.score` is the batched reward function,
-`evaluate` the held-out report.
+penalties, base model path) and the adapter (`adapter/`), the head weights
+(`head.safetensors`) or the lexical model (`lexical.json`, `lexical.safetensors`).
+`QModel.load` reloads it, `QModel.score` is the batched reward function, `evaluate` the
+held-out report.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from workers.learning.chat import ChatMessage, Turn, chat_turns
 from workers.learning.configs import Q_POOLINGS, QFitConfig
 from workers.learning.examples import StepExample
 from workers.learning.held_out import QMetrics, held_out_metrics
+from workers.learning.lexical import LexicalLinear, fit_lexical, load_lexical, save_lexical
 from workers.learning.ridge import fit_ridge, normalised_weights
 
 log = logging.getLogger(__name__)
@@ -83,7 +88,9 @@ class QFitResult:
     model: QModel
     metrics: QMetrics  # empty when nothing was held out
     fit: dict[str, float | None]  # the chosen ridge penalties: head_alpha, v_alpha
-    value: QHead  # V(s) on the state features (STATE pooling of the frozen backbone)
+    # V(s): on the state features (STATE pooling of the frozen backbone), or for the lexical
+    # kind on its state blocks
+    value: QHead | LexicalLinear
     n_train: int
     n_eval: int
     seconds: float
@@ -237,27 +244,30 @@ def evaluate(
     q: QModel,
     examples: Sequence[StepExample],
     *,
-    value: QHead | None = None,
+    value: QHead | LexicalLinear | None = None,
     batch_size: int = 16,
     n_boot: int = 0,
     seed: int = 0,
 ) -> QMetrics:
-    """Score the examples with q and report held_out_metrics; with value (V of fit_q, which
-    reads the state features of q's frozen backbone) also the ranking measure (head kind)."""
+    """Score the examples with q and report held_out_metrics; with value (fit_q's V) also the
+    ranking measure. A lexical V reads the text and goes with any Q; a head V reads the state
+    features of q's frozen backbone, so it goes with a head Q."""
     items = [(e.system, e.state, e.action) for e in examples]
     v_values = None
-    if value is None:
+    if value is None or isinstance(value, LexicalLinear):
         q_values = q.score(items, batch_size=batch_size)
+        v_values = value.predict(items) if value is not None else None
     else:
         if q.head is None:
             raise ValueError("V reads a frozen backbone's features: evaluate it beside a head Q")
         pooling = q.config.head_pooling
+        tokenizer, network = q.language_model
         features = pooled_features(
-            q.network,
-            render_q_inputs(q.tokenizer, items, q.config.max_length, q.config.reply_budget),
+            network,
+            render_q_inputs(tokenizer, items, q.config.max_length, q.config.reply_budget),
             poolings=[pooling, STATE],
             batch_size=batch_size,
-            pad_id=int(q.tokenizer.pad_token_id),
+            pad_id=int(tokenizer.pad_token_id),
         )
         q_values, v_values = _apply(q.head, features[pooling]), _apply(value, features[STATE])
     return held_out_metrics(q_values, examples, v_values=v_values, n_boot=n_boot, seed=seed)
@@ -560,13 +570,19 @@ class QModel:
         self,
         *,
         config: QFitConfig,
-        tokenizer: PreTrainedTokenizerBase,
-        network: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        network: nn.Module | None = None,
         head: QHead | None = None,
+        lexical: LexicalLinear | None = None,
         return_offset: float = 0.0,
         metrics: QMetrics | None = None,
         fit: dict[str, float | None] | None = None,
     ) -> None:
+        if config.kind == "lexical":
+            if lexical is None or network is not None or head is not None:
+                raise ValueError("a lexical Q model is its lexical ridge alone")
+        elif tokenizer is None or network is None or lexical is not None:
+            raise ValueError(f"a {config.kind} Q model needs a tokenizer and a network")
         if config.kind == "head" and head is None:
             raise ValueError("a head Q model needs its head")
         if config.kind == "finetune" and head is not None:
@@ -575,10 +591,13 @@ class QModel:
         self.tokenizer = tokenizer
         self.network = network  # the frozen backbone (head) or the LoRA regressor (finetune)
         self.head = head
+        self.lexical = lexical
         self.return_offset = return_offset  # added to the regressor's output (finetune)
         self.metrics: QMetrics = metrics or {}
         self.fit: dict[str, float | None] = fit or {}  # the chosen ridge penalties
-        self.device = next(network.parameters()).device
+        self.device = (
+            next(network.parameters()).device if network is not None else torch.device("cpu")
+        )
         if head is not None:
             head.to(self.device)
 
@@ -586,19 +605,27 @@ class QModel:
     def kind(self) -> str:
         return self.config.kind
 
+    @property
+    def language_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
+        """(tokenizer, network) of a head or finetune Q."""
+        if self.tokenizer is None or self.network is None:
+            raise ValueError(f"a {self.kind} Q model has no language model")
+        return self.tokenizer, self.network
+
     def score(self, items: Sequence[ScoreItem], *, batch_size: int = 16) -> list[float]:
         """Q of each (system, state, candidate reply)."""
         if not items:
             return []
-        inputs = render_q_inputs(
-            self.tokenizer, items, self.config.max_length, self.config.reply_budget
-        )
-        pad_id = int(self.tokenizer.pad_token_id)
-        self.network.eval()
+        if self.lexical is not None:
+            return self.lexical.predict(items)
+        tokenizer, network = self.language_model
+        inputs = render_q_inputs(tokenizer, items, self.config.max_length, self.config.reply_budget)
+        pad_id = int(tokenizer.pad_token_id)
+        network.eval()
         if self.head is not None:
             pooling = self.config.head_pooling
             features = pooled_features(
-                self.network, inputs, poolings=[pooling], batch_size=batch_size, pad_id=pad_id
+                network, inputs, poolings=[pooling], batch_size=batch_size, pad_id=pad_id
             )
             return _apply(self.head, features[pooling])
         values = [0.0] * len(inputs)
@@ -606,7 +633,7 @@ class QModel:
         with torch.inference_mode():
             for batch in _length_batches(ids, batch_size):
                 input_ids, attention_mask = _pad_right([ids[i] for i in batch], pad_id)
-                logits = self.network(
+                logits = network(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),
                 ).logits
@@ -616,11 +643,14 @@ class QModel:
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        if self.head is not None:
+        if self.lexical is not None:
+            save_lexical(self.lexical, path)
+        elif self.head is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
             save_file(state, str(path / HEAD_FILE))
         else:
-            self.network.save_pretrained(str(path / ADAPTER_DIR))  # type: ignore[operator]
+            _, network = self.language_model
+            network.save_pretrained(str(path / ADAPTER_DIR))  # type: ignore[operator]
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
@@ -652,6 +682,11 @@ class QModel:
         config = replace(
             config, base_model=base_model or config.base_model, device=device or config.device
         )
+        fit = manifest.get("fit", {})  # absent in models saved before the ridge head
+        if config.kind == "lexical":
+            return cls(
+                config=config, lexical=load_lexical(path), metrics=manifest["metrics"], fit=fit
+            )
         tokenizer = load_tokenizer(config.base_model)
         target = resolve_device(config.device)
         head: QHead | None = None
@@ -675,7 +710,7 @@ class QModel:
             head=head,
             return_offset=float(manifest["return_offset"]),
             metrics=manifest["metrics"],
-            fit=manifest.get("fit", {}),  # absent in models saved before the ridge head
+            fit=fit,
         )
 
 
@@ -723,7 +758,7 @@ def fit_q(
     "train", "evaluate".
     """
     started = time.monotonic()
-    if not config.base_model:
+    if config.kind != "lexical" and not config.base_model:
         raise ValueError("config.base_model must name the base model checkpoint")
     if not train:
         raise ValueError("no training examples")
@@ -732,6 +767,75 @@ def fit_q(
     train = subsample_examples(train, config.max_examples, config.seed)
     if not train:
         raise ValueError("no training examples left after holding out the eval conversations")
+    log.info("fitting a %s Q on %d examples (%d held out)", config.kind, len(train), len(eval))
+    fitted = (
+        _fit_lexical_q(train, eval, config, progress)
+        if config.kind == "lexical"
+        else _fit_language_model_q(train, eval, config, progress)
+    )
+    model = fitted.model
+    if eval:
+        model.metrics = held_out_metrics(
+            fitted.eval_q,
+            eval,
+            v_values=fitted.eval_v,
+            n_boot=config.eval_bootstrap,
+            seed=config.seed,
+        )
+        log.info("held-out Q metrics: %s", model.metrics)
+    model.save(output_dir)
+    if progress is not None:
+        progress("evaluate", 1.0)
+    return QFitResult(
+        path=output_dir,
+        model=model,
+        metrics=model.metrics,
+        fit=model.fit,
+        value=fitted.value,
+        n_train=len(train),
+        n_eval=len(eval),
+        seconds=time.monotonic() - started,
+    )
+
+
+class _Fitted(NamedTuple):
+    model: QModel
+    value: QHead | LexicalLinear
+    eval_q: list[float]  # Q and V on the eval examples (empty lists: none)
+    eval_v: list[float]
+
+
+def _fit_lexical_q(
+    train: Sequence[StepExample],
+    eval: Sequence[StepExample],
+    config: QFitConfig,
+    progress: Progress | None,
+) -> _Fitted:
+    fitted = fit_lexical(
+        [(e.system, e.state, e.action) for e in train],
+        [float(e.ret) for e in train],
+        [float(e.weight) for e in train],
+        [e.conversation_id for e in train],
+        max_ngram=config.lexical_max_ngram,
+        min_df=config.lexical_min_df,
+        alphas=config.lexical_alphas,
+        n_folds=config.head_cv_folds,
+    )
+    if progress is not None:
+        progress("train", 1.0)
+    fit: dict[str, float | None] = {"head_alpha": fitted.q_alpha, "v_alpha": fitted.v_alpha}
+    model = QModel(config=config, lexical=fitted.q, fit=fit)
+    items = [(e.system, e.state, e.action) for e in eval]
+    return _Fitted(model, fitted.value, model.score(items), fitted.value.predict(items))
+
+
+def _fit_language_model_q(
+    train: Sequence[StepExample],
+    eval: Sequence[StepExample],
+    config: QFitConfig,
+    progress: Progress | None,
+) -> _Fitted:
+    """The head or finetune kind, and V on the frozen backbone's state features."""
     tokenizer = load_tokenizer(config.base_model)
     pad_id = int(tokenizer.pad_token_id)
     inputs = render_q_inputs(
@@ -749,13 +853,7 @@ def fit_q(
     targets = [float(e.ret) for e in train]
     weights = [float(e.weight) for e in train]
     groups = [e.conversation_id for e in train]
-    log.info(
-        "fitting a %s Q on %d examples (%d held out), mean length %.0f tokens",
-        config.kind,
-        len(train),
-        len(eval),
-        sum(len(x.ids) for x in inputs) / len(inputs),
-    )
+    log.info("mean length %.0f tokens", sum(len(x.ids) for x in inputs) / len(inputs))
     # The frozen backbone gives the head's features and, for either kind, V's.
     backbone = _frozen_backbone(config, resolve_device(config.device))
     poolings = [config.head_pooling, STATE] if config.kind == "head" else [STATE]
@@ -805,33 +903,14 @@ def fit_q(
         model = QModel(
             config=config, tokenizer=tokenizer, network=regressor, return_offset=offset, fit=fit
         )
-    if eval:
-        if progress is not None:
-            progress("evaluate", 0.0)
-        if model.head is not None:
-            q_values = _apply(model.head, eval_features[config.head_pooling])
-        else:
-            q_values = model.score(
-                [(e.system, e.state, e.action) for e in eval], batch_size=config.batch_size
-            )
-        model.metrics = held_out_metrics(
-            q_values,
-            eval,
-            v_values=_apply(value, eval_features[STATE]),
-            n_boot=config.eval_bootstrap,
-            seed=config.seed,
-        )
-        log.info("held-out Q metrics: %s", model.metrics)
-    model.save(output_dir)
+    if not eval:
+        return _Fitted(model, value, [], [])
     if progress is not None:
-        progress("evaluate", 1.0)
-    return QFitResult(
-        path=output_dir,
-        model=model,
-        metrics=model.metrics,
-        fit=fit,
-        value=value,
-        n_train=len(train),
-        n_eval=len(eval),
-        seconds=time.monotonic() - started,
-    )
+        progress("evaluate", 0.0)
+    if model.head is not None:
+        q_values = _apply(model.head, eval_features[config.head_pooling])
+    else:
+        q_values = model.score(
+            [(e.system, e.state, e.action) for e in eval], batch_size=config.batch_size
+        )
+    return _Fitted(model, value, q_values, _apply(value, eval_features[STATE]))
