@@ -365,7 +365,7 @@ def iterate_create(
     n_epochs: Annotated[int | None, typer.Option(help="Improvement epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per update.")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
-    q_kind: Annotated[str | None, typer.Option(help="Q fit: head | finetune.")] = None,
+    q_kind: Annotated[str | None, typer.Option(help="Q fit: lexical | head | finetune.")] = None,
     business: Annotated[str | None, typer.Option(help="Only this business's data.")] = None,
     parent: Annotated[str | None, typer.Option(help="pi_i (default: serving policy).")] = None,
     max_prompts: Annotated[int | None, typer.Option(help="Prompts for improvement.")] = None,
@@ -497,9 +497,13 @@ def iterate_retry(
 @q_app.command("fit")
 def q_fit(
     output: Annotated[Path, typer.Option(help="Directory for the fitted Q model.")],
-    kind: Annotated[str, typer.Option(help="head (fast) | finetune (LoRA + regression head)")] = (
-        "head"
-    ),
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="lexical (TF-IDF + ridge, no LM) | head (frozen LM features + ridge) | "
+            "finetune (LoRA + regression head). Default: the Q fit config's."
+        ),
+    ] = None,
     gamma: Annotated[float, typer.Option(help="Discount per business decision.")] = 1.0,
     business: Annotated[str | None, typer.Option(help="Only this business.")] = None,
     base_model: Annotated[Path | None, typer.Option(help="Default: the configured base.")] = None,
@@ -523,6 +527,7 @@ def q_fit(
     from services.experiments.assignment import unit_interval
     from services.iterations.dataset import build_examples
     from workers.learning.config_build import q_fit_config
+    from workers.learning.configs import QFitConfig
     from workers.learning.q_model import fit_q
     from workers.learning.returns import DECISION_SOURCES, ReturnsConfig
 
@@ -533,6 +538,7 @@ def q_fit(
             sources=_parse_sources(sources, DECISION_SOURCES),  # type: ignore[arg-type]
             business_id=business,
         )
+        kind = kind or QFitConfig().kind
         fields: dict[str, object] = {
             "kind": kind,
             "base_model": str(base_model or settings.base_model_path),
@@ -544,7 +550,7 @@ def q_fit(
         config = q_fit_config(fields)
     except (TypeError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    if not (Path(config.base_model) / "config.json").is_file():
+    if config.kind != "lexical" and not (Path(config.base_model) / "config.json").is_file():
         raise _fail(f"no base model at {config.base_model}; run `outcomeloop models prepare`")
     factory = _prepared_store(settings)
     with session_scope(factory) as session:

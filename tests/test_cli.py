@@ -88,3 +88,53 @@ def test_iterate_create_runs_the_steps_in_this_process(embedded: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "failed" in result.output and "no training data" in " ".join(result.output.split())
+
+
+def test_q_fit_and_score_with_the_lexical_kind(embedded: Path) -> None:
+    """`q fit --kind lexical` on imported conversations needs no base model; `q score` then
+    ranks a reply that books above one that does not, for the same state."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    filler = ["we", "offer", "a", "free", "quote", "with", "warranty", "and", "see", "you"]
+    lines = []
+    for c in range(40):
+        booked = c % 2 == 0
+        messages = []
+        for _ in range(3):
+            words = [rng.choice(filler) for _ in range(6)] + (["book"] if booked else [])
+            messages += [
+                {"role": "customer", "text": rng.choice(["Hi there", "What does it cost?"])},
+                {"role": "business", "text": " ".join(rng.sample(words, len(words)))},
+            ]
+        end = "outcome" if booked else "customer_left"
+        lines.append(
+            {"id": f"c{c}", "business_id": "acme", "messages": messages, "outcome": int(booked),
+             "end": end}
+        )  # fmt: skip
+    data = embedded / "conversations.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    runner = CliRunner()
+    assert runner.invoke(app, ["import", str(data)]).exit_code == 0
+    fitted = runner.invoke(app, ["q", "fit", "--kind", "lexical", "--output", str(embedded / "q")])
+    assert fitted.exit_code == 0, fitted.output
+    assert json.loads(fitted.stdout)["all"]["auc"] > 0.9
+    state = [{"role": "customer", "text": "What does it cost?"}]
+    candidates = embedded / "candidates.jsonl"
+    candidates.write_text(
+        json.dumps({"id": "a", "messages": state, "response": "a free quote, book now"})
+        + "\n"
+        + json.dumps({"id": "b", "messages": state, "response": "a free quote, see you"})
+        + "\n"
+    )
+    scored = runner.invoke(
+        app,
+        [
+            "q", "score", "--model", str(embedded / "q"), "--input", str(candidates),
+            "--output", str(embedded / "scores.jsonl"),
+        ],
+    )  # fmt: skip
+    assert scored.exit_code == 0, scored.output
+    scores = [json.loads(line) for line in (embedded / "scores.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in scores] == ["a", "b"] and scores[0]["q"] > scores[1]["q"]
