@@ -13,6 +13,7 @@ served in this process on SQLite with the default model on CPU:
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import socket
@@ -144,6 +145,19 @@ class Phase:
     scores: dict[str, ScoreSummary] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ScenarioCheck:
+    """Does a Q rank replies as the simulator does? Over the candidate check's sampled replies
+    (K from pi_i and K from pi_{i+1} at each held-out state), the correlation of Q with
+    `Scenario.score` within states (both centred on their state's mean), with a 95% interval
+    that resamples conversations. For the check Q and for the Q that PPO optimised."""
+
+    states: int
+    replies: int
+    check_q: tuple[float | None, float | None, float | None]  # (corr, lo, hi)
+    ppo_q: tuple[float | None, float | None, float | None]
+
+
 @dataclass
 class IterationSummary:
     iteration_id: str
@@ -152,6 +166,51 @@ class IterationSummary:
     status: str
     metrics: dict[str, Any]
     seconds: float
+    scenario_check: ScenarioCheck | None = None
+
+
+def scenario_check(samples: Path, scenario: Scenario, n_boot: int = 1000) -> ScenarioCheck | None:
+    """ScenarioCheck over the candidate check's samples.jsonl (None when it has none)."""
+    import numpy as np
+
+    from workers.learning.held_out import (
+        conversation_resample_weights,
+        percentile_interval,
+        weighted_corr_rows,
+    )
+
+    groups: list[str] = []
+    columns: dict[str, list[float]] = {"score": [], "q_check": [], "q_ppo": []}
+    states = 0
+    for line in samples.read_text().splitlines() if samples.exists() else []:
+        record = json.loads(line)
+        history = [(role, text) for role, text in record["state"]]
+        replies = [r for rs in record["replies"].values() for r in rs]
+        if len(replies) < 2:
+            continue
+        states += 1
+        values = {
+            "score": [scenario.score(r["text"], history) for r in replies],
+            "q_check": [float(r["q_check"]) for r in replies],
+            "q_ppo": [float(r["q_ppo"]) if r["q_ppo"] is not None else 0.0 for r in replies],
+        }
+        for name, column in values.items():
+            mean = sum(column) / len(column)
+            columns[name].extend(v - mean for v in column)
+        groups.extend([record["conversation_id"]] * len(replies))
+    if not groups:
+        return None
+    weights = np.vstack(
+        [np.ones((1, len(groups))), conversation_resample_weights(groups, n_boot, seed=0)]
+    )
+    score = np.asarray(columns["score"])
+
+    def corr(name: str) -> tuple[float | None, float | None, float | None]:
+        rows = weighted_corr_rows(weights, np.asarray(columns[name]), score)
+        lo, hi = percentile_interval(rows[1:])
+        return (float(rows[0]) if np.isfinite(rows[0]) else None, lo, hi)
+
+    return ScenarioCheck(states, len(groups), corr("q_check"), corr("q_ppo"))
 
 
 @dataclass
@@ -389,7 +448,13 @@ def _iterate(
                 **config.ppo,
                 "q": {"kind": config.q_kind, **({"max_length": 128} if config.quick else {})},
             },
-            "data": {"business_id": BUSINESS, "max_prompts": 64, "eval_fraction": 0.25},
+            "data": {
+                "business_id": BUSINESS,
+                "max_prompts": 64,
+                "eval_fraction": 0.25,
+                # 2 x 2 replies per held-out decision: about 2.5 minutes of CPU generation.
+                "check_samples": 2,
+            },
             "parent_policy_id": parent,
         }
     )
@@ -422,6 +487,7 @@ def _iterate(
         runner.submit(iteration_id, Step.DEPLOY)
     with session_scope(factory) as session:
         it = iterations.get_iteration(session, iteration_id=iteration_id)
+        check = next((s.result for s in it.steps if s.step == Step.CHECK.value), None) or {}
         return IterationSummary(
             iteration_id=it.id,
             parent=parent,
@@ -429,4 +495,9 @@ def _iterate(
             status=it.status if not it.error else f"{it.status}: {it.error}",
             metrics=dict(it.metrics),
             seconds=time.monotonic() - started,
+            scenario_check=(
+                scenario_check(Path(check["dir"]) / "samples.jsonl", SCENARIOS[config.scenario])
+                if "dir" in check
+                else None
+            ),
         )

@@ -82,6 +82,76 @@ def _ppo(metrics: dict[str, Any]) -> str:
     )
 
 
+def _interval(m: dict[str, Any], name: str) -> str:
+    value, lo, hi = (m.get(k) for k in (name, f"{name}_lo", f"{name}_hi"))
+    if not isinstance(value, int | float):
+        return "n/a"
+    if isinstance(lo, int | float) and isinstance(hi, int | float):
+        return f"{value:.3f} ({lo:.3f} to {hi:.3f})"
+    return f"{value:.3f}"
+
+
+def _corr(values: tuple[float | None, float | None, float | None]) -> str:
+    corr, lo, hi = values
+    if corr is None:
+        return "n/a"
+    return f"{corr:+.2f}" + (
+        f" ({lo:+.2f} to {hi:+.2f})" if lo is not None and hi is not None else ""
+    )
+
+
+def evidence_lines(result: DemoResult) -> list[str]:
+    """Per iteration: the candidate check before traffic, and the A/B rate measured after it."""
+    lines = []
+    for number, summary in enumerate(result.iterations, start=1):
+        m = summary.metrics
+        name = f"iteration {number} ({summary.candidate})"
+        if "check_flagged" not in m:
+            lines.append(f"{name}: no candidate check ran")
+            continue
+        flag = "FLAGGED (lower bound < 0)" if m["check_flagged"] else "not flagged"
+        lines.append(
+            f"{name}, before traffic: mean Q gain of pi_i+1's replies over pi_i's at "
+            f"{m.get('check_states')} held-out states {_interval(m, 'check_gain')} by the check Q, "
+            f"{flag}; the Q that PPO optimised claims {_fmt(m.get('check_gain_ppo_q'))}"
+        )
+        measured = ""
+        if number < len(result.phases):
+            arm = next(
+                (a for a in result.phases[number].arms if a.policy == summary.candidate), None
+            )
+            if arm is not None:
+                low, high = arm.interval
+                dr_lo, dr_hi = m.get("estimate_dr_lo"), m.get("estimate_dr_hi")
+                inside = (
+                    "inside"
+                    if isinstance(dr_lo, int | float)
+                    and isinstance(dr_hi, int | float)
+                    and dr_lo <= arm.outcome_rate <= dr_hi
+                    else "outside"
+                )
+                measured = (
+                    f"; measured in the A/B: {arm.outcome_rate:.3f} ({low:.3f} to {high:.3f}, "
+                    f"n {arm.ended}), {inside} the doubly robust interval"
+                )
+        lines.append(
+            f"{name}, estimated outcome rate from {m.get('estimate_conversations')} held-out "
+            f"conversations: direct {_interval(m, 'estimate_direct')}, doubly robust "
+            f"{_interval(m, 'estimate_dr')} (ESS {_fmt(m.get('estimate_ess'))}, weights clipped "
+            f"{m.get('estimate_clipped')} times); pi_i direct "
+            f"{_interval(m, 'estimate_direct_parent')}, logged {_interval(m, 'estimate_logged')}"
+            f"{measured}"
+        )
+        sc = summary.scenario_check
+        if sc is not None:
+            lines.append(
+                f"{name}, Q against the simulator's score of {sc.replies} sampled replies at "
+                f"{sc.states} held-out states (within-state correlation): check Q "
+                f"{_corr(sc.check_q)}, the Q that PPO optimised {_corr(sc.ppo_q)}"
+            )
+    return lines
+
+
 def print_report(result: DemoResult, console: Console) -> None:
     table = Table(title=f"outcomeloop demo: {result.scenario.name} (seed {result.config.seed})")
     for column in (
@@ -127,9 +197,12 @@ def print_report(result: DemoResult, console: Console) -> None:
             f"iteration {summary.iteration_id[:8]} ({summary.parent} -> {summary.candidate}): "
             f"{summary.status}; Q held-out AUC {_fmt(m.get('q_auc'))} "
             f"(first half {_fmt(m.get('q_auc_first_half'))}), MSE {_fmt(m.get('q_mse'))}, "
-            f"Brier {_fmt(m.get('q_brier'))}, {m.get('data_examples', 0)} decisions"
+            f"Brier {_fmt(m.get('q_brier'))}, ranking corr(Q - V, G - V) "
+            f"{_interval(m, 'q_rank_corr')}, {m.get('data_examples', 0)} decisions"
             f"{_ppo(m)}; {summary.seconds:.0f}s"
         )
+    for line in evidence_lines(result):
+        console.print(line)
     for phase in result.phases[1:]:
         console.print(f"[bold]{phase.name}[/]: {verdict(phase)}; {score_difference(phase)}")
     for note in result.notes:
@@ -293,6 +366,7 @@ def render_html(result: DemoResult) -> str:
         for p in result.phases[1:]
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
+    evidence = "".join(f"<li>{html.escape(line)}</li>" for line in evidence_lines(result))
     reference = "".join(
         f"<li>{html.escape(k)}: {v:.1%}</li>" for k, v in result.reference_rates.items()
     )
@@ -317,6 +391,7 @@ outcome log-odds, <code>Scenario.score</code>); a diagnostic that production doe
 <th>PPO: Q of samples, first update</th><th>last update</th><th>KL to parent</th>
 <th>time</th></tr>
 {"".join(iteration_rows)}</table>
+<h2>Evidence before traffic</h2><ul>{evidence or "<li>no iteration ran</li>"}</ul>
 <h2>Verdict</h2><ul>{verdicts or "<li>no A/B test ran</li>"}</ul>
 <h2>Reference</h2><ul>{reference}</ul><h2>Notes</h2><ul>{notes}</ul>
 </body></html>

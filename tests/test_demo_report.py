@@ -33,3 +33,70 @@ def test_score_difference_says_clearly_only_when_the_interval_excludes_zero() ->
     near = score_difference(_phase([0.0, 1.0, -1.0, 0.5], [0.1, 1.1, -0.9, 0.6]))
     assert "clearly" not in near and "higher: +0.10" in near
     assert "too few" in score_difference(_phase([1.0], [2.0, 3.0]))
+
+
+def _result(metrics: dict[str, object], check: object = None) -> object:
+    from services.demo import DemoConfig, DemoResult, IterationSummary
+    from services.simulator.scenarios import SCENARIOS
+
+    summary = IterationSummary("it", "pi0", "it-1", "succeeded", metrics, 1.0, check)  # type: ignore[arg-type]
+    return DemoResult(
+        DemoConfig(), SCENARIOS["renovation"], [_phase([], []), _phase([], [])], [summary],
+        {}, 1.0, "sqlite://", [],
+    )  # fmt: skip
+
+
+def test_the_report_puts_the_pre_traffic_estimate_beside_the_measured_rate() -> None:
+    from services.demo_report import evidence_lines
+
+    metrics = {
+        "check_flagged": False, "check_states": 20, "check_gain": 0.02, "check_gain_lo": 0.01,
+        "check_gain_hi": 0.03, "check_gain_ppo_q": 0.1, "estimate_conversations": 8,
+        "estimate_dr": 0.25, "estimate_dr_lo": 0.2, "estimate_dr_hi": 0.35,
+        "estimate_direct": 0.2, "estimate_ess": 5.0, "estimate_clipped": 0,
+    }  # fmt: skip
+    lines = evidence_lines(_result(metrics))  # type: ignore[arg-type]
+    # The treatment arm of the A/B after iteration 1 converted 3 of 10: inside [0.2, 0.35].
+    assert "not flagged" in lines[0] and "0.020 (0.010 to 0.030)" in lines[0]
+    assert "measured in the A/B: 0.300" in lines[1] and "inside the doubly robust" in lines[1]
+    outside = evidence_lines(_result({**metrics, "estimate_dr_hi": 0.28, "check_flagged": True}))  # type: ignore[arg-type]
+    assert "FLAGGED" in outside[0] and "outside the doubly robust" in outside[1]
+    assert evidence_lines(_result({})) == ["iteration 1 (it-1): no candidate check ran"]  # type: ignore[arg-type]
+
+
+def test_scenario_check_correlates_q_with_the_simulator_within_states(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    from services.demo import scenario_check
+    from services.simulator.scenarios import SCENARIOS
+
+    scenario = SCENARIOS["renovation"]
+    state = [["customer", "Hi, how much for a kitchen renovation?"]]
+    texts = [
+        "Hello! What size is your kitchen? We offer a free quote.",
+        "No.",
+        "Could we book a visit on Thursday to measure? It is free.",
+        "Price depends.",
+    ]
+    rows = []
+    for c in range(6):
+        scores = [scenario.score(t, [tuple(x) for x in state]) for t in texts]  # type: ignore[misc]
+        replies = [
+            {"text": t, "q_check": 2 * s + c, "q_ppo": -s}
+            for t, s in zip(texts, scores, strict=True)
+        ]
+        rows.append(
+            {
+                "conversation_id": f"c{c}",
+                "state": state,
+                "replies": {"a": replies[:2], "b": replies[2:]},
+            }
+        )
+    path = Path(str(tmp_path)) / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check = scenario_check(path, scenario, n_boot=50)
+    assert check is not None and (check.states, check.replies) == (6, 24)
+    # A per-state offset (c) does not count: only how Q orders replies within a state.
+    assert check.check_q[0] == pytest.approx(1.0) and check.ppo_q[0] == pytest.approx(-1.0)
+    assert scenario_check(Path(str(tmp_path)) / "missing.jsonl", scenario) is None

@@ -25,7 +25,7 @@ from services.experiments.assignment import unit_interval
 from services.experiments.models import GLOBAL_SCOPE
 from services.experiments.service import ArmSpec, create_experiment, stop_experiment
 from services.iterations import service
-from services.iterations.dataset import build_examples
+from services.iterations.dataset import build_dataset, check_trajectories
 from services.iterations.models import Iteration, Step
 from services.iterations.pipeline_config import PipelineConfig
 from services.policies import service as policies
@@ -147,7 +147,7 @@ class Context:
 def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     config = ReturnsConfig(**ctx.configs["returns"])
     with session_scope(ctx.factory) as session:
-        examples, stats = build_examples(
+        examples, stats, decisions = build_dataset(
             session,
             config=config,
             policy_id=ctx.iteration.parent_policy_id,
@@ -164,11 +164,12 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     train = [e for e in examples if unit_interval("split", e.conversation_id) >= fraction]
     if not held_out or not train:  # tiny data: keep both sides non-empty
         held_out, train = examples[: max(1, len(examples) // 5)], examples[len(examples) // 5 :]
-    # PPO's prompts: states pi_i answered (never after an outcome), one per decision state.
+    # PPO's prompts: states pi_i answered (never after an outcome), one per decision state, of
+    # the training conversations only: the candidate check samples at held-out states.
     seen: set[tuple[str, tuple[Turn, ...]]] = set()
     prompts = []
     for e in sorted(
-        examples, key=lambda e: unit_interval("prompts", e.conversation_id, str(len(e.state)))
+        train, key=lambda e: unit_interval("prompts", e.conversation_id, str(len(e.state)))
     ):
         if (e.conversation_id, e.state) in seen or not e.state or e.state[-1].role != "customer":
             continue
@@ -176,8 +177,17 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
         prompts.append({"system": e.system, "state": [[t.role, t.text] for t in e.state]})
         if len(prompts) >= ctx.pipeline.max_prompts:
             break
+    # The candidate check's conversations: held-out ones, every decision of pi_i's serving.
+    held_ids = {e.conversation_id for e in held_out}
+    chosen = set(
+        sorted(held_ids, key=lambda c: unit_interval("check", c))[
+            : ctx.pipeline.check_conversations
+        ]
+    )
+    trajectories = check_trajectories([d for d in decisions if d.conversation_id in chosen])
     final = ctx.dir(Step.RETURNS)
     tmp = _fresh_dir(final, ctx.attempt)
+    (tmp / "check.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trajectories))
     write_examples(tmp / "train.jsonl", train)
     write_examples(tmp / "eval.jsonl", held_out)
     (tmp / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
@@ -188,6 +198,7 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
         "train": len(train),
         "eval": len(held_out),
         "prompts": len(prompts),
+        "check_decisions": len(trajectories),
         "data": stats.as_dict(),
     }
     return result, {**stats.flat(), "data_examples": len(examples)}
@@ -285,6 +296,70 @@ def step_improve(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"adapter_dir": str(adapter), **metrics}, metrics
 
 
+def step_check(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """pi_{i+1} against pi_i before traffic (workers/learning/candidate_check.py): the gain in
+    Q at held-out states (flagged when its lower bound is below zero) and the direct and doubly
+    robust estimates of the candidate's outcome rate. It informs the operator; it stops nothing."""
+    pipeline = ctx.pipeline
+    if pipeline.check_samples == 0:
+        return {"skipped": "check_samples is 0"}, {"check_skipped": True}
+    from workers.learning.candidate_check import (
+        CheckDecision,
+        CheckSettings,
+        CheckUnavailable,
+        run_check,
+    )
+    from workers.learning.config_build import q_fit_config
+    from workers.learning.evidence import flat_evidence
+    from workers.learning.q_model import QModel
+
+    with session_scope(ctx.factory) as session:
+        parent = policies.get_policy(session, policy_id=ctx.iteration.parent_policy_id)
+        base_model, parent_adapter = Path(parent.base_model), Path(parent.adapter_uri)
+    data = Path(ctx.result_of(Step.RETURNS)["dir"])
+    decisions = [
+        CheckDecision.from_record(json.loads(line))
+        for line in (data / "check.jsonl").read_text().splitlines()
+    ]
+    if not decisions:
+        return {"skipped": "no held-out decisions"}, {"check_skipped": True}
+    improve = ctx.configs["improve"]
+    returns = ReturnsConfig(**ctx.configs["returns"])
+    ppo_q = QModel.load(Path(ctx.result_of(Step.FIT_Q)["dir"]))
+    final = ctx.dir(Step.CHECK)
+    tmp = _fresh_dir(final, ctx.attempt)
+    try:
+        result = run_check(
+            base_model=base_model,
+            parent_adapter=parent_adapter,
+            candidate_adapter=Path(ctx.result_of(Step.IMPROVE)["adapter_dir"]),
+            decisions=decisions,
+            check_examples=read_examples(data / "eval.jsonl"),
+            q_config=q_fit_config(ctx.configs["q"]),
+            settings=CheckSettings(
+                samples=pipeline.check_samples,
+                max_new_tokens=int(improve["max_new_tokens"]),
+                temperature=float(improve["temperature"]),
+                top_p=float(improve.get("top_p", 1.0)),
+                clip=returns.importance_clip,
+                seed=int(improve.get("seed", 0)),
+                device=str(improve.get("device", "auto")),
+            ),
+            ppo_q=lambda items: ppo_q.score(items),
+            output_dir=tmp,
+        )
+    except CheckUnavailable as exc:
+        log.warning("iteration %s: %s", ctx.iteration.id, exc)
+        return {"skipped": str(exc)}, {"check_skipped": True}
+    _publish(tmp, final)
+    metrics: dict[str, Any] = {
+        **flat_evidence(result.check, result.rates),
+        "check_gain_ppo_q": result.ppo_q_gain,
+        "check_seconds": round(result.seconds, 2),
+    }
+    return {"dir": str(final), **metrics}, metrics
+
+
 def candidate_policy_id(iteration_id: str) -> str:
     return f"it-{iteration_id[:24]}"
 
@@ -347,6 +422,7 @@ STEPS: dict[Step, Callable[[Context], tuple[dict[str, Any], dict[str, Any]]]] = 
     Step.FIT_Q: step_fit_q,
     Step.EVALUATE_Q: step_evaluate_q,
     Step.IMPROVE: step_improve,
+    Step.CHECK: step_check,
     Step.REGISTER: step_register,
     Step.DEPLOY: step_deploy,
 }

@@ -13,7 +13,7 @@ sources an iteration opts into.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -53,6 +53,8 @@ class Decision:
     suggestion_id: str | None
     used: bool  # selected by the config's sources and kept (action, weight > 0)
     excluded: str | None = None  # why not used
+    # pi_i / mu of the logged choice (policy and exploration sources; 0 for a persona), else None
+    behaviour_ratio: float | None = None
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -214,15 +216,19 @@ def build_examples(
     session: Session, *, config: ReturnsConfig, policy_id: str, cutoff: datetime
 ) -> tuple[list[StepExample], DatasetStats]:
     """The training examples of an iteration of `policy_id` (pi_i) on data ended by `cutoff`."""
-    stats = DatasetStats()
-    examples = [
-        d.example()
-        for d in iter_decisions(
-            session, config=config, policy_id=policy_id, cutoff=cutoff, stats=stats
-        )
-        if d.used
-    ]
+    examples, stats, _ = build_dataset(session, config=config, policy_id=policy_id, cutoff=cutoff)
     return examples, stats
+
+
+def build_dataset(
+    session: Session, *, config: ReturnsConfig, policy_id: str, cutoff: datetime
+) -> tuple[list[StepExample], DatasetStats, list[Decision]]:
+    """build_examples, and every decision of the window (used or not)."""
+    stats = DatasetStats()
+    decisions = list(
+        iter_decisions(session, config=config, policy_id=policy_id, cutoff=cutoff, stats=stats)
+    )
+    return [d.example() for d in decisions if d.used], stats, decisions
 
 
 def _system(session: Session, conversation: Conversation) -> str:
@@ -303,6 +309,11 @@ def _conversation_decisions(
             suggestion_id=suggestion.id if suggestion else None,
             used=excluded is None,
             excluded=excluded,
+            behaviour_ratio=(
+                _ratio(suggestion)
+                if suggestion is not None and source in ("policy", "exploration")
+                else None
+            ),
         )
 
 
@@ -322,3 +333,49 @@ def _turn_text(conversation: Conversation, first_message_id: str) -> str:
         if started:
             texts.append(message.text)
     return "\n".join(texts)
+
+
+def check_trajectories(decisions: Sequence[Decision]) -> list[dict[str, Any]]:
+    """The held-out conversations' decisions as the candidate check reads them: per
+    conversation, in order, the decisions of pi_i's serving (policy and exploration sources,
+    before the outcome, with an action), each with its reward and behaviour ratio pi_i / mu.
+
+    A dropped decision's reward (e.g. an outcome on a business turn with no suggestion) goes to
+    the kept decision before it (or the first kept one), so that a conversation's rewards still
+    sum to its outcome.
+    """
+    by_conversation: dict[str, list[Decision]] = {}
+    for decision in decisions:
+        by_conversation.setdefault(decision.conversation_id, []).append(decision)
+    records: list[dict[str, Any]] = []
+    for conversation_id, members in sorted(by_conversation.items()):
+        members = sorted(members, key=lambda d: d.decision_index)
+        kept = [
+            d
+            for d in members
+            if d.behaviour_ratio is not None
+            and d.action is not None
+            and d.excluded not in ("after_outcome", "backend_error")
+        ]
+        if not kept:
+            continue
+        rewards = {d.decision_index: d.reward for d in kept}
+        for d in members:
+            if d.decision_index in rewards or d.excluded == "after_outcome":
+                continue
+            before = [k for k in kept if k.decision_index < d.decision_index]
+            target = before[-1] if before else kept[0]
+            rewards[target.decision_index] += d.reward
+        records.extend(
+            {
+                "conversation_id": conversation_id,
+                "index": d.decision_index,
+                "system": d.system,
+                "state": [[t.role, t.text] for t in d.state],
+                "action": d.action,
+                "reward": rewards[d.decision_index],
+                "behaviour_ratio": d.behaviour_ratio,
+            }
+            for d in kept
+        )
+    return records

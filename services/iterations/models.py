@@ -27,6 +27,7 @@ class Step(enum.StrEnum):
     FIT_Q = "fit_q"
     EVALUATE_Q = "evaluate_q"
     IMPROVE = "improve"
+    CHECK = "check"  # pi_{i+1} vs pi_i on held-out states, outcome-rate estimates, before traffic
     REGISTER = "register"
     DEPLOY = "deploy"  # after approval: start the A/B experiment
 
@@ -36,6 +37,7 @@ PIPELINE: tuple[Step, ...] = (
     Step.FIT_Q,
     Step.EVALUATE_Q,
     Step.IMPROVE,
+    Step.CHECK,
     Step.REGISTER,
 )
 ACTIVE = (IterationStatus.QUEUED.value, IterationStatus.RUNNING.value)

@@ -39,6 +39,21 @@ class PipelineConfig:
             "starts against pi_i, in (0, 1)."
         },
     )
+    check_samples: int = field(
+        default=4,
+        metadata={
+            "help": "Replies sampled from pi_i and from pi_{i+1} at each held-out state for the "
+            "candidate check (Q's premise of improvement and the outcome-rate estimates), "
+            "0 to skip the check, at most 64."
+        },
+    )
+    check_conversations: int = field(
+        default=24,
+        metadata={
+            "help": "Held-out conversations the candidate check scores (all their decisions), "
+            ">= 1: its cost is check_samples x 2 generations per decision."
+        },
+    )
     override_gate: bool = field(
         default=False,
         metadata={"help": "Improve even if Q fails the gate (an operator's decision)."},
@@ -51,5 +66,11 @@ class PipelineConfig:
             raise ValueError(f"max_prompts must be at least 1, not {self.max_prompts}")
         if self.rank_floor is not None and not -1.0 <= self.rank_floor < 1.0:
             raise ValueError(f"rank_floor must be in [-1, 1) or None, not {self.rank_floor}")
+        if not 0 <= self.check_samples <= 64:
+            raise ValueError(f"check_samples must be in [0, 64], not {self.check_samples}")
+        if self.check_conversations < 1:
+            raise ValueError(
+                f"check_conversations must be at least 1, not {self.check_conversations}"
+            )
         if not 0.0 < self.ab_weight < 1.0:
             raise ValueError(f"ab_weight must be in (0, 1), not {self.ab_weight}")

@@ -15,7 +15,7 @@ from services.settings import Settings
 STEP_TASK = "outcomeloop.iterations.run_step"
 CHECK_TASK = "outcomeloop.iterations.check_new_data"
 # Q fitting and policy improvement use the accelerator they find; the rest is light CPU work.
-GPU_STEPS = frozenset({Step.FIT_Q, Step.IMPROVE})
+GPU_STEPS = frozenset({Step.FIT_Q, Step.IMPROVE, Step.CHECK})
 
 
 def queue_for(step: Step) -> str:

@@ -262,7 +262,13 @@ def finish_step(
         iteration.current_step = Step.DEPLOY.value
         iteration.progress = len(PIPELINE) / (len(PIPELINE) + 1)
         add_event(
-            session, iteration, "awaiting_approval", f"candidate {iteration.candidate_policy_id}"
+            session,
+            iteration,
+            "awaiting_approval",
+            f"candidate {iteration.candidate_policy_id}; {check_summary(iteration.metrics)}",
+            data={
+                k: v for k, v in iteration.metrics.items() if k.startswith(("check_", "estimate_"))
+            },
         )
     else:
         next_step = PIPELINE[PIPELINE.index(step) + 1]
@@ -270,6 +276,26 @@ def finish_step(
         iteration.progress = (PIPELINE.index(step) + 1) / (len(PIPELINE) + 1)
     session.flush()
     return next_step
+
+
+def check_summary(metrics: dict[str, Any]) -> str:
+    """One line for the operator at approval: the candidate check's gain and estimates."""
+    if "check_flagged" not in metrics:
+        return "no candidate check (skipped: too little held-out data, or check_samples 0)"
+
+    def interval(name: str) -> str:
+        value, lo, hi = (metrics.get(k) for k in (name, f"{name}_lo", f"{name}_hi"))
+        if value is None:
+            return "n/a"
+        bounds = f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else ""
+        return f"{value:+.3f}{bounds}"
+
+    flag = "FLAGGED: lower bound below 0" if metrics["check_flagged"] else "lower bound above 0"
+    return (
+        f"held-out Q gain pi_i+1 - pi_i {interval('check_gain')} ({flag}); estimated outcome "
+        f"rate: direct {interval('estimate_direct')}, doubly robust {interval('estimate_dr')} "
+        f"(ESS {metrics.get('estimate_ess')}), pi_i direct {interval('estimate_direct_parent')}"
+    )
 
 
 def fail_step(session: Session, *, iteration_id: str, step: Step, error: str) -> None:

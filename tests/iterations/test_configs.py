@@ -310,5 +310,7 @@ def test_beat_starts_iterations_with_the_served_sampling(fresh_store: Store) -> 
             "max_prompts": 64,
             "rank_floor": None,
             "ab_weight": 0.5,
+            "check_samples": 4,
+            "check_conversations": 24,
             "override_gate": False,
         }

@@ -101,7 +101,13 @@ def test_iteration_end_to_end_with_approval(
         json={
             "algorithm": "ppo",
             "hyperparameters": TINY_HYPER,
-            "data": {"business_id": business, "max_prompts": 4, "eval_fraction": 0.3},
+            "data": {
+                "business_id": business,
+                "max_prompts": 4,
+                "eval_fraction": 0.3,
+                "check_samples": 2,
+                "check_conversations": 10,
+            },
         },
     )
     assert created.status_code == 201, created.text
@@ -116,9 +122,19 @@ def test_iteration_end_to_end_with_approval(
         "fit_q",
         "evaluate_q",
         "improve",
+        "check",
         "register",
     ]
     assert done["metrics"]["data_examples"] == 40
+    # The candidate check scored held-out conversations' decisions (one each here) and the
+    # operator sees its verdict and estimates where approval waits.
+    metrics = done["metrics"]
+    assert metrics["check_states"] == metrics["estimate_conversations"] == 10
+    assert isinstance(metrics["check_flagged"], bool)
+    assert metrics["check_gain_lo"] <= metrics["check_gain"] <= metrics["check_gain_hi"]
+    assert 0 < metrics["estimate_ess"] <= 10 and metrics["estimate_dr"] is not None
+    waiting = [e for e in done["events"] if e["kind"] == "awaiting_approval"]
+    assert len(waiting) == 1 and "held-out Q gain pi_i+1 - pi_i" in waiting[0]["message"]
     assert done["metrics"]["q_auc"] >= 0.8, "Q must learn the keyword that wins"
     candidate = done["candidate_policy_id"]
     policy = inline_client.get(f"/v1/policies/{candidate}", headers=auth(operator)).json()

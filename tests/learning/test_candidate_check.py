@@ -1,0 +1,166 @@
+"""The candidate check on the tiny model: a candidate trained against a Q with a planted error
+is flagged by a check Q fitted on other data, and not flagged where its Q was right."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.learning.test_ppo import (
+    HELD_OUT_PROMPTS,
+    TOY_NEW_TOKENS,
+    TOY_TEMPERATURE,
+    TRAIN_PROMPTS,
+    newline_reward,
+)
+from tests.tiny_model import CORPUS
+from workers.learning.candidate_check import (
+    CheckDecision,
+    CheckSettings,
+    fold_of,
+    run_check,
+)
+from workers.learning.chat import Turn
+from workers.learning.configs import PPOConfig, QFitConfig
+from workers.learning.examples import StepExample
+from workers.learning.improve import improve_policy
+
+SYSTEM = "You write the next message of acme."
+STATES = [(Turn("customer", p[1].content),) for p in HELD_OUT_PROMPTS]
+WORDS = " ".join(CORPUS).split()
+
+
+def reply_with_newlines(rng: random.Random, newlines: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(TOY_NEW_TOKENS - newlines)]
+    for _ in range(newlines):
+        words.insert(rng.randrange(len(words) + 1), "\n")
+    return " ".join(words)
+
+
+def logged_examples(truth_prefers_newlines: bool) -> list[StepExample]:
+    """Held-out decisions whose return is set by the reply's newlines: more is better, or worse."""
+    rng = random.Random(0)
+    examples = []
+    for c in range(40):
+        for step, state in enumerate(rng.sample(STATES, 3)):
+            newlines = rng.randrange(5)
+            share = newlines / 4
+            examples.append(
+                StepExample(
+                    conversation_id=f"conv-{c}",
+                    step=step,
+                    n_steps=3,
+                    state=state,
+                    action=reply_with_newlines(rng, newlines),
+                    ret=share if truth_prefers_newlines else 1.0 - share,
+                    outcome=int(rng.random() < 0.5),
+                    system=SYSTEM,
+                )
+            )
+    return examples
+
+
+@pytest.fixture(scope="module")
+def newline_candidate(
+    tiny_model: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """pi_{i+1} trained by PPO against a Q that pays for newlines (test_ppo's toy reward)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = improve_policy(
+            algorithm="ppo",
+            base_model=tiny_model,
+            parent_adapter=tiny_adapters["zero"],
+            prompts=TRAIN_PROMPTS,
+            reward_fn=newline_reward,
+            config=PPOConfig(
+                num_updates=20,
+                batch_size=64,
+                minibatch_size=16,
+                n_ppo_epochs=2,
+                learning_rate=3e-3,
+                beta=0.01,
+                max_new_tokens=TOY_NEW_TOKENS,
+                temperature=TOY_TEMPERATURE,
+                device="cpu",
+                seed=0,
+            ),
+            output_dir=tmp_path_factory.mktemp("candidate") / "pi1",
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return result.adapter_dir
+
+
+@pytest.mark.parametrize("truth_prefers_newlines", [False, True])
+def test_the_check_flags_a_candidate_that_exploited_a_planted_error(
+    tiny_model: Path,
+    tiny_adapters: dict[str, Path],
+    newline_candidate: Path,
+    tmp_path: Path,
+    truth_prefers_newlines: bool,
+) -> None:
+    examples = logged_examples(truth_prefers_newlines)
+    # The trajectories: two decisions at held-out states per conversation, as pi_i logged them.
+    rng = random.Random(1)
+    decisions = [
+        CheckDecision(
+            conversation_id=f"conv-{c}",
+            index=t,
+            system=SYSTEM,
+            state=STATES[(c + t) % len(STATES)],
+            action=reply_with_newlines(rng, rng.randrange(2)),
+            reward=float(t == 1 and c % 3 == 0),
+            behaviour_ratio=1.0,
+        )
+        for c in range(12)
+        for t in range(2)
+    ]
+    assert {fold_of(d.conversation_id) for d in decisions} == {0, 1}
+    result = run_check(
+        base_model=tiny_model,
+        parent_adapter=tiny_adapters["zero"],
+        candidate_adapter=newline_candidate,
+        decisions=decisions,
+        check_examples=examples,
+        q_config=QFitConfig(
+            kind="head",
+            base_model=str(tiny_model),
+            head_pooling="state_reply",
+            max_length=64,
+            max_reply_length=16,
+            device="cpu",
+        ),
+        settings=CheckSettings(
+            samples=8,
+            max_new_tokens=TOY_NEW_TOKENS,
+            temperature=TOY_TEMPERATURE,
+            top_p=1.0,
+            clip=10.0,
+            n_boot=500,
+            device="cpu",
+        ),
+        # The Q that PPO optimised: the planted error pays for newlines whatever the truth.
+        ppo_q=lambda items: newline_reward([], [reply for _, _, reply in items]),
+        output_dir=tmp_path / "check",
+    )
+    gain = result.check["gain"]
+    assert result.ppo_q_gain is not None and result.ppo_q_gain > 0.1  # PPO's Q sees a gain
+    if truth_prefers_newlines:
+        assert not result.check["flagged"], gain
+        assert gain["lo"] is not None and gain["lo"] > 0
+    else:
+        assert result.check["flagged"], gain
+        assert gain["hi"] is not None and gain["hi"] < 0
+    # Every scored decision and its replies are on file, each with both Q's scores.
+    records = [json.loads(line) for line in result.samples_file.read_text().splitlines()]
+    assert len(records) == len(decisions) == result.check["n_states"]
+    assert all(len(r["replies"]["candidate"]) == 8 for r in records)
+    assert result.rates["n_conversations"] == 12
+    assert result.rates["logged"]["value"] == pytest.approx(4 / 12)
