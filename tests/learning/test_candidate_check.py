@@ -12,6 +12,7 @@ import pytest
 from tests.learning.test_ppo import (
     HELD_OUT_PROMPTS,
     TOY_NEW_TOKENS,
+    TOY_PPO,
     TOY_TEMPERATURE,
     TRAIN_PROMPTS,
     newline_reward,
@@ -24,7 +25,7 @@ from workers.learning.candidate_check import (
     run_check,
 )
 from workers.learning.chat import Turn
-from workers.learning.configs import PPOConfig, QFitConfig
+from workers.learning.configs import QFitConfig
 from workers.learning.examples import StepExample
 from workers.learning.improve import improve_policy
 
@@ -79,18 +80,7 @@ def newline_candidate(
             parent_adapter=tiny_adapters["zero"],
             prompts=TRAIN_PROMPTS,
             reward_fn=newline_reward,
-            config=PPOConfig(
-                num_updates=20,
-                batch_size=64,
-                minibatch_size=16,
-                n_ppo_epochs=2,
-                learning_rate=3e-3,
-                beta=0.01,
-                max_new_tokens=TOY_NEW_TOKENS,
-                temperature=TOY_TEMPERATURE,
-                device="cpu",
-                seed=0,
-            ),
+            config=TOY_PPO,
             output_dir=tmp_path_factory.mktemp("candidate") / "pi1",
         )
     finally:
