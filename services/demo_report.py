@@ -109,7 +109,7 @@ def evidence_lines(result: DemoResult) -> list[str]:
         if "check_flagged" not in m:
             lines.append(f"{name}: no candidate check ran")
             continue
-        flag = "FLAGGED (lower bound < 0)" if m["check_flagged"] else "not flagged"
+        flag = "FLAGGED (lower bound not above 0)" if m["check_flagged"] else "not flagged"
         lines.append(
             f"{name}, before traffic: mean Q gain of pi_i+1's replies over pi_i's at "
             f"{m.get('check_states')} held-out states {_interval(m, 'check_gain')} by the check Q, "

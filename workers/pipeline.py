@@ -298,7 +298,7 @@ def step_improve(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def step_check(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     """pi_{i+1} against pi_i before traffic (workers/learning/candidate_check.py): the gain in
-    Q at held-out states (flagged when its lower bound is below zero) and the direct and doubly
+    Q at held-out states (flagged when its lower bound is not above zero) and the direct and doubly
     robust estimates of the candidate's outcome rate. It informs the operator; it stops nothing."""
     pipeline = ctx.pipeline
     if pipeline.check_samples == 0:

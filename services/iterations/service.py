@@ -290,7 +290,7 @@ def check_summary(metrics: dict[str, Any]) -> str:
         bounds = f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else ""
         return f"{value:+.3f}{bounds}"
 
-    flag = "FLAGGED: lower bound below 0" if metrics["check_flagged"] else "lower bound above 0"
+    flag = "FLAGGED: lower bound not above 0" if metrics["check_flagged"] else "lower bound above 0"
     return (
         f"held-out Q gain pi_i+1 - pi_i {interval('check_gain')} ({flag}); estimated outcome "
         f"rate: direct {interval('estimate_direct')}, doubly robust {interval('estimate_dr')} "

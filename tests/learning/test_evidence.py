@@ -174,3 +174,10 @@ def test_estimates_refuse_bad_ratios_and_flatten_for_metrics() -> None:
     for key in ("check_gain", "estimate_direct", "estimate_dr", "estimate_logged"):
         assert {key, f"{key}_lo", f"{key}_hi"} <= flat.keys()
     assert flat["check_states"] == 100 and flat["estimate_conversations"] == 50
+
+
+def test_a_lower_bound_of_exactly_zero_is_flagged() -> None:
+    # Identical policies whose samples happen to agree: no gain is shown.
+    same = [decision(f"c{c}", 0, v_old=0.3, v_new=0.3) for c in range(10)]
+    check = improvement_check(same, n_boot=100, seed=0)
+    assert check["gain"]["lo"] == 0.0 and check["flagged"]

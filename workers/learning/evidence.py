@@ -7,8 +7,8 @@ won by exploiting one Q's errors:
 
 - Theorem 1's premise (`improvement_check`): at held-out states, is the mean Q^{pi_i} of replies
   sampled from pi_{i+1} above that of replies sampled from pi_i? Paired per state, averaged over
-  states, with a conversation-clustered bootstrap interval. A lower bound below zero flags the
-  candidate.
+  states, with a conversation-clustered bootstrap interval. A lower bound at or below zero
+  flags the candidate (the gain is not shown).
 - Its outcome rate (`rate_estimates`), from the logged conversations alone:
   * direct: the mean over logged start states of V(s_0) = E_{a ~ pi_{i+1}} Q(s_0, a);
   * doubly robust, per decision (Jiang & Li 2016; Thomas & Brunskill 2016), gamma = 1 so that
@@ -61,7 +61,7 @@ class ImprovementCheck(TypedDict):
     n_states: int
     n_conversations: int
     gain: Estimate  # mean over states of v_new - v_old
-    flagged: bool  # the gain's lower bound is below zero (or there is no interval)
+    flagged: bool  # the gain's lower bound is at or below zero (or there is no interval)
 
 
 class RateEstimates(TypedDict):
@@ -114,7 +114,7 @@ def improvement_check(
         n_states=len(decisions),
         n_conversations=len(set(groups)),
         gain=gain,
-        flagged=gain["lo"] is None or gain["lo"] < 0.0,
+        flagged=gain["lo"] is None or gain["lo"] <= 0.0,
     )
 
 
