@@ -431,6 +431,46 @@ def stack_kind(
     )
 
 
+def cross_validated(
+    examples: Sequence[StepExample], config: QFitConfig, n_folds: int, output_dir: Path
+) -> dict[str, Any]:
+    """The lexical kind against TF-IDF on n_folds folds of train + dev dialogues (grouped): the
+    dev split is one draw of about 100 dialogues, and AUCs vary a lot from draw to draw."""
+    groups = [e.conversation_id for e in examples]
+    folds: list[dict[str, Any]] = []
+    print(f"{'fold':<6} {'lexical first half / all':>26} {'TF-IDF first half / all':>26}")
+    for k, (fit_rows, held_rows) in enumerate(group_folds(groups, n_folds)):
+        train = [examples[int(i)] for i in fit_rows]
+        held = [examples[int(i)] for i in held_rows]
+        result = fit_q(train, held, replace(config, kind="lexical"), output_dir / f"fold{k}")
+        lexical = result.model.score([(e.system, e.state, e.action) for e in held])
+        (baseline,), _ = tfidf_baseline(train, held)
+        gaps = auc_gaps(lexical, baseline, held, config.eval_bootstrap, config.seed)
+        tfidf = held_out_metrics(baseline, held, n_boot=0)
+        fold = {
+            "n_held": len(held),
+            "lexical": [result.metrics["first_half"]["auc"], result.metrics["all"]["auc"]],
+            "tfidf": [tfidf["first_half"]["auc"], tfidf["all"]["auc"]],
+            "gap": gaps,
+        }
+        folds.append(fold)
+        print(
+            f"{k:<6} {fold['lexical'][0]:>12.3f} / {fold['lexical'][1]:.3f}"
+            f" {fold['tfidf'][0]:>14.3f} / {fold['tfidf'][1]:.3f}   gap "
+            f"{interval(*gaps['first_half'])} / {interval(*gaps['all'])}",
+            flush=True,
+        )
+    mean = {
+        name: [float(np.mean([f[name][i] for f in folds])) for i in (0, 1)]
+        for name in ("lexical", "tfidf")
+    }
+    print(
+        f"mean   {mean['lexical'][0]:>12.3f} / {mean['lexical'][1]:.3f}"
+        f" {mean['tfidf'][0]:>14.3f} / {mean['tfidf'][1]:.3f}"
+    )
+    return {"folds": folds, "mean": mean}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=["head", "finetune", "lexical", "stack"], default="head")
@@ -459,6 +499,12 @@ def main() -> None:
         help="skip the backbone pass over dev with swapped replies (and the contrast)",
     )
     parser.add_argument("--cache-dir", type=Path, help="keep the backbone's features here")
+    parser.add_argument(
+        "--cv-folds",
+        type=int,
+        default=0,
+        help="lexical: also compare with TF-IDF on this many folds of train + dev dialogues",
+    )
     args = parser.parse_args()
 
     if not available(args.data_dir):
@@ -597,6 +643,9 @@ def main() -> None:
     scored_sets, clock = tfidf_baseline(used, dev, swapped_replies(dev, config.seed))
     baseline, baseline_swapped = scored_sets
     rows.append(("TF-IDF logistic", metrics_of(baseline, v), clock))
+    if args.cv_folds:
+        print(f"\n{args.cv_folds}-fold cross-validation over train + dev dialogues:")
+        summary["cv"] = cross_validated([*train, *dev], config, args.cv_folds, output_dir / "cv")
     summary["tfidf"] = {
         "metrics": rows[-1][1],
         "fit_wall_s": clock.wall,
