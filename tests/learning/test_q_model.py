@@ -182,7 +182,12 @@ def test_save_load_score_round_trip(fitted: tuple[QFitResult, list[StepExample]]
 def test_fit_uses_a_given_eval_set_and_subsamples(tiny_model: Path, tmp_path: Path) -> None:
     examples = keyword_examples(20)
     config = QFitConfig(
-        base_model=str(tiny_model), max_length=64, max_examples=30, head_epochs=2, seed=3
+        kind="head",
+        base_model=str(tiny_model),
+        max_length=64,
+        max_examples=30,
+        head_epochs=2,
+        seed=3,
     )
     result = fit_q(examples[:60], examples[60:], config, tmp_path)
     assert (result.n_train, result.n_eval) == (30, 20)
@@ -355,7 +360,7 @@ def test_a_manifest_from_before_the_reply_budget_loads_with_the_whole_text_cut(
 
 def test_fit_refuses_bad_input(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="base_model"):
-        fit_q(keyword_examples(2), None, QFitConfig(), tmp_path)
+        fit_q(keyword_examples(2), None, QFitConfig(kind="head"), tmp_path)
     with pytest.raises(ValueError, match="no training examples"):
         fit_q([], None, QFitConfig(base_model=str(tiny_model)), tmp_path)
     with pytest.raises(FileNotFoundError, match=MANIFEST):
@@ -471,7 +476,7 @@ def test_real_model_head_and_finetune(tmp_path: Path) -> None:
     head = fit_q(
         examples,
         None,
-        QFitConfig(base_model=base, max_length=96, eval_fraction=0.25, head_l2=0.01),
+        QFitConfig(kind="head", base_model=base, max_length=96, eval_fraction=0.25, head_l2=0.01),
         tmp_path / "head",
     )
     assert head.metrics["all"]["auc"] is not None and head.metrics["all"]["auc"] >= 0.8
