@@ -3,6 +3,13 @@
     python -m tests.benchmarks.pfg_q_eval [--kind head|finetune|lexical|stack]
         [--poolings mean,state_reply] [--gamma 1.0] [--max-examples 3000] [--max-dev 0]
         [--max-length 256] [--epochs N] [--bootstrap 1000] [--base-model DIR] [--output-dir DIR]
+        [--no-swap] [--cache-dir DIR] [--cv-folds K]
+
+The runs behind the README's "Which Q" table:
+
+    --kind lexical --max-examples 0 --cv-folds 5
+    --kind stack --poolings mean --max-examples 600 --max-dev 550 --max-length 192 --no-swap
+    --kind finetune --poolings mean --max-examples 120 --max-dev 120 --max-length 192 --epochs 1
 
 Fits Q on the train split's business decisions (subsampled by --max-examples, the same share
 of every dialogue) and scores the dev split's decisions (all, or --max-dev of them, the same
