@@ -129,7 +129,9 @@ def test_iteration_end_to_end_with_approval(
     # The candidate check scored held-out conversations' decisions (one each here) and the
     # operator sees its verdict and estimates where approval waits.
     metrics = done["metrics"]
-    assert metrics["check_states"] == metrics["estimate_conversations"] == 10
+    held_out = next(s["result"]["eval"] for s in done["steps"] if s["step"] == "returns")
+    # Conversation ids are random, so how many the hash split holds out varies from run to run.
+    assert metrics["check_states"] == metrics["estimate_conversations"] == min(10, held_out)
     assert isinstance(metrics["check_flagged"], bool)
     assert metrics["check_gain_lo"] <= metrics["check_gain"] <= metrics["check_gain_hi"]
     assert 0 < metrics["estimate_ess"] <= 10 and metrics["estimate_dr"] is not None
