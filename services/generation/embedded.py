@@ -1,9 +1,12 @@
-"""In-process generation with transformers + peft, one base model and one LoRA adapter per arm.
+"""In-process generation: one base model and one LoRA adapter per arm.
 
-Concurrent requests are batched: a single worker thread owns the model, drains the queue for up
-to `batch_window_ms`, and runs requests with the same sampling settings as one `generate` call
-in which each row uses its own adapter (peft's mixed-adapter batches). torch is imported only
-when this backend is built, so the API process never loads it unless it serves embedded.
+Two engines. `fast` (the default) is workers/learning/engine.py: continuous batching, each row
+its own arm, the KV of a prompt's seen prefix reused (measured in tests/benchmarks/
+generation_speed.py). `transformers` is the reference it replaced, kept for checkpoints the fast
+engine does not reproduce (it says so at start-up and this backend falls back): a worker thread
+drains the queue for up to `batch_window_ms` and runs requests with the same sampling settings
+as one `generate` call with peft's mixed-adapter batches. torch is imported only when this
+backend is built, so the API process never loads it unless it serves embedded.
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ class EmbeddedBackend:
         max_context_tokens: int = 2048,
         max_batch_size: int = 8,
         batch_window_ms: float = 10.0,
+        engine: str = "fast",
+        prefix_cache_tokens: int = 4096,
     ) -> None:
+        if engine not in ("fast", "transformers"):
+            raise ValueError(f"engine must be 'fast' or 'transformers', not {engine!r}")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,8 +95,29 @@ class EmbeddedBackend:
         self._window = batch_window_ms / 1000.0
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="embedded-generation", daemon=True)
-        self._worker.start()
+        self._eos = self._eos_ids()
+        self.engine: Any = None  # the fast DecodeEngine, when the checkpoint allows it
+        if engine == "fast":
+            from workers.learning.engine import DecodeEngine, UnsupportedModel
+
+            try:
+                self.engine = DecodeEngine(
+                    self.base,
+                    end_token_ids=sorted(self._eos),
+                    max_batch=max_batch_size,
+                    max_positions=self.max_context_tokens,
+                    prefix_cache_tokens=prefix_cache_tokens,
+                )
+            except UnsupportedModel as exc:
+                log.warning("the fast engine cannot serve this checkpoint (%s): transformers", exc)
+        self.engine_name = "fast" if self.engine is not None else "transformers"
+        if self.engine is not None:
+            self.base = None  # the engine holds what it needs (q/k/v and gate/up fused)
+        else:
+            self._worker = threading.Thread(
+                target=self._loop, name="embedded-generation", daemon=True
+            )
+            self._worker.start()
 
     # -- adapters ---------------------------------------------------------------------------
 
@@ -101,6 +129,16 @@ class EmbeddedBackend:
                 return
             if not (Path(adapter.path) / "adapter_config.json").is_file():
                 raise AdapterMissing(f"no LoRA adapter at {adapter.path} for {adapter.name}")
+            if self.engine is not None:
+                from workers.learning.engine import UnsupportedModel
+
+                try:
+                    self.engine.load_arm(adapter.name, adapter.path)
+                except UnsupportedModel as exc:
+                    raise BackendError(f"adapter {adapter.name} at {adapter.path}: {exc}") from None
+                self._adapters[adapter.name] = adapter.path
+                log.info("loaded adapter %s from %s", adapter.name, adapter.path)
+                return
             if self.model is None:
                 self.model = PeftModel.from_pretrained(
                     self.base, adapter.path, adapter_name=adapter.name
@@ -113,7 +151,10 @@ class EmbeddedBackend:
 
     def unload_adapter(self, name: str) -> None:
         with self._model_lock:
-            if name in self._adapters and self.model is not None:
+            if name in self._adapters and self.engine is not None:
+                self.engine.remove_arm(name)
+                del self._adapters[name]
+            elif name in self._adapters and self.model is not None:
                 self.model.delete_adapter(name)
                 del self._adapters[name]
 
@@ -138,12 +179,56 @@ class EmbeddedBackend:
         if self._closed:
             raise BackendUnavailable("the embedded backend is shut down")
         self.load_adapter(request.adapter)
+        if self.engine is not None:
+            return self._generate_fast(request, timeout)
         job = _Job(request, Future(), time.monotonic() + timeout)
         self._queue.put(job)
         try:
             return job.future.result(timeout=timeout + 1.0)
         except FutureTimeout:
             raise BackendTimeout(f"embedded generation timed out after {timeout:.1f}s") from None
+
+    def _generate_fast(self, request: GenerationRequest, timeout: float) -> GenerationResult:
+        from workers.learning.engine import DecodeParams, EngineClosed, EngineTimeout
+
+        if timeout <= 0:
+            raise BackendTimeout("embedded generation timed out while queued")
+        sampling = request.sampling
+        prompt = self.tokenizer(self.render(request.messages), add_special_tokens=False)
+        ids = list(prompt["input_ids"])
+        try:
+            params = DecodeParams(
+                max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                n=sampling.n,
+                seed=sampling.seed,
+            )
+            future = self.engine.submit(
+                ids, request.adapter.name, params, deadline=time.monotonic() + timeout
+            )
+            samples = future.result(timeout=timeout + 1.0)
+        except (EngineTimeout, FutureTimeout):
+            raise BackendTimeout(f"embedded generation timed out after {timeout:.1f}s") from None
+        except EngineClosed:
+            raise BackendUnavailable("the embedded backend is shut down") from None
+        except (KeyError, ValueError) as exc:
+            raise BackendError(f"generation refused: {exc}") from None
+        except Exception as exc:
+            log.exception("embedded generation failed")
+            raise BackendError(f"generation failed: {exc}") from None
+        return GenerationResult(
+            [
+                Completion(
+                    str(self.tokenizer.decode(s.tokens, skip_special_tokens=True)),
+                    s.logprob,
+                    len(s.tokens),
+                    s.finish_reason,
+                )
+                for s in samples
+            ],
+            prompt_tokens=len(ids),
+        )
 
     def _loop(self) -> None:
         while True:
@@ -215,7 +300,7 @@ class EmbeddedBackend:
                 out.sequences, out.scores, normalize_logits=True
             )
         generated = out.sequences[:, prompt_len:]
-        eos_ids = self._eos_ids()
+        eos_ids = self._eos
         completions: list[Completion] = []
         for row in range(generated.shape[0]):
             tokens = generated[row].tolist()
@@ -245,5 +330,8 @@ class EmbeddedBackend:
 
     def close(self) -> None:
         self._closed = True
+        if self.engine is not None:
+            self.engine.close()
+            return
         self._queue.put(None)
         self._worker.join(timeout=5)

@@ -30,9 +30,12 @@ PROMPT = [
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_model: Path) -> Iterator[EmbeddedBackend]:
-    engine = EmbeddedBackend(tiny_model, device="cpu", dtype="float32", batch_window_ms=50)
+@pytest.fixture(scope="module", params=["fast", "transformers"])
+def backend(tiny_model: Path, request: pytest.FixtureRequest) -> Iterator[EmbeddedBackend]:
+    engine = EmbeddedBackend(
+        tiny_model, device="cpu", dtype="float32", batch_window_ms=50, engine=request.param
+    )
+    assert engine.engine_name == request.param
     yield engine
     engine.close()
 
@@ -123,7 +126,9 @@ def test_logged_logprob_is_the_stated_distribution_whatever_the_base_config_says
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     opinionated = with_generation_config(tiny_model, tmp_path / "model", **OPINIONATED_GENERATION)
-    engine = EmbeddedBackend(opinionated, device="cpu", dtype="float32", batch_window_ms=0)
+    engine = EmbeddedBackend(
+        opinionated, device="cpu", dtype="float32", batch_window_ms=0, engine="transformers"
+    )
     ref = AdapterRef("pi1", str(tiny_adapters["noisy"]))
     engine.load_adapter(ref)
     sampled: list[torch.Tensor] = []
@@ -156,3 +161,51 @@ def test_logged_logprob_is_the_stated_distribution_whatever_the_base_config_says
     for row, completion in enumerate(result.completions):
         expected = float(token_logprobs[row, : completion.num_tokens].sum())
         assert completion.logprob == pytest.approx(expected, abs=1e-3), row
+
+
+def test_fast_engine_logs_the_stated_distribution_whatever_the_base_config_says(
+    tiny_model: Path,
+    tiny_adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opinionated = with_generation_config(tiny_model, tmp_path / "model", **OPINIONATED_GENERATION)
+    engine = EmbeddedBackend(opinionated, device="cpu", dtype="float32")
+    assert engine.engine_name == "fast"
+    drawn: list[Any] = []
+    real_submit = engine.engine.submit
+
+    def submit_keeping_samples(*args: Any, **kwargs: Any) -> Any:
+        future = real_submit(*args, **kwargs)
+        drawn.append(future)
+        return future
+
+    monkeypatch.setattr(engine.engine, "submit", submit_keeping_samples)
+    ref = AdapterRef("pi1", str(tiny_adapters["noisy"]))
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=1.0, n=4, seed=3)
+    try:
+        result = engine.generate(GenerationRequest(PROMPT, ref, sampling), timeout=60)
+    finally:
+        engine.close()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    prompt = tokenizer(
+        tokenizer.apply_chat_template(
+            [m.as_dict() for m in PROMPT], tokenize=False, add_generation_prompt=True
+        ),
+        add_special_tokens=False,
+    )["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(tiny_adapters["noisy"]))
+    model.eval()
+    [future] = drawn
+    for completion, sample in zip(result.completions, future.result(), strict=True):
+        tokens = sample.tokens
+        assert completion.num_tokens == len(tokens)
+        assert completion.text == tokenizer.decode(tokens, skip_special_tokens=True)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + tokens])).logits[
+                0, len(prompt) - 1 : -1
+            ]
+        expected = torch.log_softmax(logits / sampling.temperature, dim=-1)
+        total = float(expected.gather(-1, torch.tensor(tokens)[:, None]).sum())
+        assert completion.logprob == pytest.approx(total, abs=1e-3)
