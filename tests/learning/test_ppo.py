@@ -23,7 +23,9 @@ from workers.learning.improve import HISTORY_FILE, improve_policy
 from workers.learning.policy_model import load_policy, load_tokenizer
 from workers.learning.ppo import (
     REFERENCE_ADAPTER,
+    LogprobMismatch,
     ValueHead,
+    check_served_logprobs,
     compute_gae,
     entropy_of,
     logprobs_of,
@@ -34,8 +36,11 @@ from workers.learning.ppo import (
     policy_loss,
     reply_forward,
     reply_token_mask,
+    rollout_engine,
+    sample_from_engine,
     sample_replies,
     score_rollout,
+    sync_policy,
     token_rewards,
     value_loss,
 )
@@ -678,3 +683,93 @@ def test_a_row_scores_the_same_inside_a_left_padded_batch_as_alone(
                 row
             )
             assert torch.allclose(batch_hidden[row][mask], alone_hidden[0][mask], atol=1e-4), row
+
+
+# -- rollouts through the serving engine ------------------------------------------------------
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_the_engine_rollout_is_what_the_trainer_would_score(
+    top_p: float, tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """Everything PPO takes from the engine instead of a scoring pass (log-probs under the
+    policy and pi_i, over the nucleus; values from the hidden states; entropies) equals
+    score_rollout's on the same sampled sequences."""
+    temperature = 0.7
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_policy(tiny_model, tiny_adapters["noisy"], "cpu")
+    model.load_adapter(str(tiny_adapters["zero"]), REFERENCE_ADAPTER, is_trainable=False)
+    model.eval()
+    config = PPOConfig(batch_size=6, minibatch_size=2, device="cpu")
+    engine = rollout_engine(model, tokenizer, config)
+    assert engine is not None
+    try:
+        sync_policy(engine, model)
+        prompts = [*TRAIN_PROMPTS[:5], _prompt(" ".join(_WORDS[:30]))]  # prompt lengths differ
+        served = sample_from_engine(
+            engine,
+            tokenizer,
+            prompts,
+            max_new_tokens=10,
+            temperature=temperature,
+            top_p=top_p,
+            seed=1,
+        )
+    finally:
+        engine.close()
+    value_head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(value_head.linear.weight)  # a non-zero head: values must match too
+    logprobs, ref_logprobs, values, entropy, nucleus = score_rollout(
+        model, value_head, served.rollout, temperature, top_p, chunk_size=4
+    )
+    mask = served.rollout.reply_mask.bool()
+    assert torch.allclose(served.logprobs[mask], logprobs[mask], atol=1e-4)
+    assert torch.allclose(served.ref_logprobs[mask], ref_logprobs[mask], atol=1e-4)
+    assert not torch.allclose(served.ref_logprobs[mask], served.logprobs[mask], atol=1e-2)
+    with torch.no_grad():
+        assert torch.allclose(value_head(served.hidden)[mask], values[mask], atol=1e-4)
+    assert torch.allclose(served.entropy[mask], entropy[mask], atol=1e-4)
+    if top_p < 1.0:
+        assert served.nucleus is not None and nucleus is not None
+        assert torch.equal(served.nucleus[mask], nucleus[mask])
+    else:
+        assert served.nucleus is None and nucleus is None
+    # The layout is sample_replies': left-padded prompts, the replies' own tokens after them.
+    for row, (ids, reply) in enumerate(zip(served.prompts, served.replies, strict=True)):
+        start = served.rollout.prompt_length
+        assert served.rollout.input_ids[row, start - len(ids) : start].tolist() == ids
+        assert served.rollout.input_ids[row, start : start + len(reply)].tolist() == reply
+
+
+def test_a_stale_adapter_in_the_engine_stops_ppo(
+    tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_policy(tiny_model, tiny_adapters["noisy"], "cpu")
+    model.load_adapter(str(tiny_adapters["noisy"]), REFERENCE_ADAPTER, is_trainable=False)
+    model.eval()
+    engine = rollout_engine(model, tokenizer, PPOConfig(batch_size=4, minibatch_size=2))
+    assert engine is not None
+    try:
+        sync_policy(engine, model)
+        served = sample_from_engine(
+            engine,
+            tokenizer,
+            TRAIN_PROMPTS[:2],
+            max_new_tokens=8,
+            temperature=1.0,
+            top_p=1.0,
+            seed=0,
+        )
+        probe = list(zip(served.prompts, served.replies, strict=True))
+        assert check_served_logprobs(engine, model, probe, 1.0, 0.05) < 1e-3
+        with torch.no_grad():  # an optimiser step the engine has not seen
+            for name, parameter in model.named_parameters():
+                if "lora_B.default" in name:
+                    parameter.add_(0.5 * torch.randn_like(parameter))
+        with pytest.raises(LogprobMismatch, match="not sampling the policy being trained"):
+            check_served_logprobs(engine, model, probe, 1.0, 0.05)
+        sync_policy(engine, model)
+        assert check_served_logprobs(engine, model, probe, 1.0, 0.05) < 1e-3
+    finally:
+        engine.close()

@@ -19,6 +19,14 @@ pass yields both log-probs and values, half the cost of a separate critic model,
 on CPU; the price is that the value loss also moves the LoRA weights, bounded by vf_coef. The
 head starts at zero for each improvement (Q changes every iteration) and is not saved.
 
+Rollouts come from the serving engine (workers/learning/engine.py, `rollout_engine="fast"`): the
+policy's adapter is copied into it after every update, it samples with the config's T and top_p
+and hands back, per token, the log-prob, the nucleus and the final hidden state it used, and it
+scores the replies under pi_i, so no scoring pass of the trainer's model is needed. After each
+sync a fixed probe set is scored by both, and a difference above `logprob_tolerance` stops PPO
+(`LogprobMismatch`): peers shipped silent LoRA-sync bugs for months (verl #7495, OpenRLHF
+#1349). `rollout_engine="transformers"` samples with generate() and scores with the trainer.
+
 Sampling and scoring are one distribution. Everything runs in eval mode (dropout off); the
 base's generation_config.json is set aside and every sampling option pinned (improve.py,
 `NEUTRAL_GENERATION`), so the sampler draws from softmax(logits / T) cut to the top_p nucleus,
@@ -42,6 +50,7 @@ from torch import Tensor, nn
 
 from workers.learning.chat import ChatMessage
 from workers.learning.configs import PPOConfig
+from workers.learning.engine import DecodeEngine, DecodeParams, LoraArm, UnsupportedModel
 from workers.learning.policy_model import (
     NEUTRAL_GENERATION,
     POLICY_ADAPTER,
@@ -217,6 +226,15 @@ class Rollout:
     prompt_length: int  # P
     texts: list[str]
 
+    def to(self, device: Any) -> Rollout:
+        return Rollout(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.reply_mask.to(device),
+            self.prompt_length,
+            self.texts,
+        )
+
 
 def sample_replies(
     model: Any,
@@ -359,6 +377,168 @@ def score_rollout(
     return logprobs, ref_logprobs, values, entropy, torch.cat(nuclei) if nuclei else None
 
 
+class LogprobMismatch(RuntimeError):
+    """The serving engine's log-probs differ from the trainer's: it is not sampling the policy
+    being trained (a stale or wrongly loaded adapter)."""
+
+
+@dataclass
+class ServedRollout:
+    """A rollout sampled by the engine, with what score_rollout would otherwise recompute."""
+
+    rollout: Rollout
+    prompts: list[list[int]]
+    replies: list[list[int]]
+    logprobs: Tensor  # (B, C) under the policy, over the nucleus
+    ref_logprobs: Tensor  # (B, C) under pi_i, over the same nucleus
+    hidden: Tensor  # (B, C, H) the final hidden state before each reply token
+    entropy: Tensor  # (B, C)
+    nucleus: Tensor | None  # (B, C, V) bool; None when top_p is 1
+
+
+def rollout_engine(model: Any, tokenizer: Any, config: PPOConfig) -> DecodeEngine | None:
+    """The serving engine over the trainer's base weights, with pi_i as `reference` (None when
+    the config asks for generate() or the engine cannot reproduce this model)."""
+    if config.rollout_engine != "fast":
+        return None
+    base = model.get_base_model()
+    try:
+        engine = DecodeEngine(
+            base,
+            end_token_ids=_end_token_ids(model, tokenizer),
+            max_batch=config.batch_size,
+            max_positions=min(int(base.config.max_position_embeddings), 8192),
+        )
+        engine.set_arm(
+            REFERENCE_ADAPTER, LoraArm.from_peft(engine.weights, model, REFERENCE_ADAPTER)
+        )
+    except UnsupportedModel as exc:
+        log.warning("PPO rollouts through generate(): the engine cannot serve this model (%s)", exc)
+        return None
+    return engine
+
+
+def sync_policy(engine: DecodeEngine, model: Any) -> None:
+    """Copy the policy adapter's current weights into the engine (after every update)."""
+    engine.set_arm(POLICY_ADAPTER, LoraArm.from_peft(engine.weights, model, POLICY_ADAPTER))
+
+
+def sample_from_engine(
+    engine: DecodeEngine,
+    tokenizer: Any,
+    prompts: Sequence[list[ChatMessage]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> ServedRollout:
+    """One reply per prompt from the engine's policy arm, laid out as sample_replies lays out
+    generate()'s (left-padded prompts, right-padded replies), with the sampler's per-token
+    log-probs, nuclei and hidden states, and pi_i's log-probs over the same nuclei."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        for messages in prompts
+    ]
+    prompt_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    futures = [
+        engine.submit(
+            ids,
+            POLICY_ADAPTER,
+            DecodeParams(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed + row,
+                trace=True,
+            ),
+        )
+        for row, ids in enumerate(prompt_ids)
+    ]
+    samples = [future.result()[0] for future in futures]
+    batch = len(samples)
+    prompt_length = max(len(ids) for ids in prompt_ids)
+    reply_length = max(len(s.tokens) for s in samples)
+    hidden_size = int(engine.weights.embed.shape[1])
+    vocab = int(engine.weights.lm_head.shape[0])
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((batch, prompt_length + reply_length), pad, dtype=torch.long)
+    prompt_mask = torch.zeros((batch, prompt_length), dtype=torch.long)
+    reply_mask = torch.zeros((batch, reply_length))
+    logprobs = torch.zeros((batch, reply_length))
+    ref_logprobs = torch.zeros((batch, reply_length))
+    entropy = torch.zeros((batch, reply_length))
+    hidden = torch.zeros((batch, reply_length, hidden_size))
+    nucleus = torch.ones((batch, reply_length, vocab), dtype=torch.bool) if top_p < 1.0 else None
+    for row, (ids, sample) in enumerate(zip(prompt_ids, samples, strict=True)):
+        assert sample.trace is not None
+        n = len(sample.tokens)
+        input_ids[row, prompt_length - len(ids) : prompt_length] = torch.tensor(ids)
+        prompt_mask[row, prompt_length - len(ids) :] = 1
+        input_ids[row, prompt_length : prompt_length + n] = torch.tensor(sample.tokens)
+        reply_mask[row, :n] = 1.0
+        logprobs[row, :n] = torch.tensor(sample.token_logprobs)
+        entropy[row, :n] = torch.tensor(sample.trace.entropy)
+        hidden[row, :n] = sample.trace.hidden.float().cpu()
+        if nucleus is not None and sample.trace.nucleus is not None:
+            for position, kept in enumerate(sample.trace.nucleus):
+                nucleus[row, position] = False
+                nucleus[row, position, kept.cpu()] = True
+        ref_logprobs[row, :n] = torch.tensor(
+            engine.score(
+                ids, sample.tokens, REFERENCE_ADAPTER, temperature, nuclei=sample.trace.nucleus
+            )
+        )
+    rollout = Rollout(
+        input_ids,
+        torch.cat([prompt_mask, reply_mask.long()], dim=1),
+        reply_mask,
+        prompt_length,
+        [str(tokenizer.decode(s.tokens, skip_special_tokens=True)) for s in samples],
+    )
+    return ServedRollout(
+        rollout,
+        prompt_ids,
+        [s.tokens for s in samples],
+        logprobs,
+        ref_logprobs,
+        hidden,
+        entropy,
+        nucleus,
+    )
+
+
+def check_served_logprobs(
+    engine: DecodeEngine,
+    model: Any,
+    probe: Sequence[tuple[list[int], list[int]]],
+    temperature: float,
+    tolerance: float,
+) -> float:
+    """The largest difference of a probe reply's summed log-prob (softmax(logits / T)) between
+    the engine's policy arm and the trainer's model; LogprobMismatch above tolerance."""
+    device = next(model.parameters()).device
+    gaps = []
+    for prompt, reply in probe:
+        served = sum(engine.score(prompt, reply, POLICY_ADAPTER, temperature))
+        with torch.no_grad():
+            ids = torch.tensor([prompt + reply], device=device)
+            logits = model(input_ids=ids, logits_to_keep=len(reply) + 1).logits[0, :-1]
+            own = torch.log_softmax(logits.float() / temperature, dim=-1)
+            trained = float(own.gather(-1, torch.tensor(reply, device=device)[:, None]).sum())
+        gaps.append(abs(served - trained))
+    gap = max(gaps)
+    if gap > tolerance:
+        raise LogprobMismatch(
+            f"the serving engine's log-probs differ from the trainer's by up to {gap:.4f} "
+            f"(tolerance {tolerance}) on {len(gaps)} probe replies: it is not sampling the "
+            "policy being trained"
+        )
+    return gap
+
+
 def _end_token_ids(model: Any, tokenizer: Any) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
@@ -414,113 +594,150 @@ def train_ppo(
     batches = _prompt_batches(len(prompts), config.batch_size, order)
     history: list[dict[str, float]] = []
     started = time.monotonic()
-
-    for update in range(config.num_updates):
-        # 1. Rollout: sample replies from the current policy, score them with Q, and record the
-        # log-probs of the policy that sampled them, of pi_i, and the values.
-        batch = [prompts[i] for i in next(batches)]
-        rollout = sample_replies(
-            model,
-            tokenizer,
-            batch,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
-        )
-        q = torch.tensor(checked_rewards(reward_fn(batch, rollout.texts), len(batch)))
-        q = q.to(device)
-        mask = rollout.reply_mask
-        old_logprobs, ref_logprobs, old_values, entropy, nucleus = score_rollout(
-            model,
-            value_head,
-            rollout,
-            config.temperature,
-            config.top_p,
-            config.minibatch_size,
-        )
-        with torch.no_grad():
-            # 2. Per-token rewards: the KL penalty to pi_i everywhere, Q at the last token.
-            kl = (old_logprobs - ref_logprobs) * mask
-            score = q
-            if config.whiten_scores:
-                score = masked_whiten(score, torch.ones_like(score))
-            if config.score_clip is not None:
-                score = score.clamp(-config.score_clip, config.score_clip)
-            rewards = token_rewards(score, kl, mask, config.beta)
-            advantages, returns = compute_gae(
-                rewards, old_values, mask, config.gamma_tok, config.lam
-            )
-            if config.whiten_advantages:
-                advantages = masked_whiten(advantages, mask) * mask
-
-        # 3. Optimise: n_ppo_epochs passes of minibatches over this rollout.
-        stats: dict[str, list[float]] = {
-            k: [] for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")
-        }
-        epochs_run = 0
-        for _ in range(config.n_ppo_epochs):
-            epoch_kl: list[float] = []
-            permutation = torch.randperm(len(batch), generator=order).tolist()
-            for start in range(0, len(batch), config.minibatch_size):
-                rows = permutation[start : start + config.minibatch_size]
-                logprobs, _, hidden = reply_forward(
+    engine = rollout_engine(model, tokenizer, config)
+    probe: list[tuple[list[int], list[int]]] = []
+    try:
+        for update in range(config.num_updates):
+            # 1. Rollout: sample replies from the current policy, score them with Q, and record the
+            # log-probs of the policy that sampled them, of pi_i, and the values.
+            batch = [prompts[i] for i in next(batches)]
+            served_gap: dict[str, float] = {}
+            if engine is not None:
+                sync_policy(engine, model)
+                served = sample_from_engine(
+                    engine,
+                    tokenizer,
+                    batch,
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                    seed=config.seed * 1_000_003 + update * len(batch),
+                )
+                if not probe:  # fixed from the first rollout on
+                    probe.extend(list(zip(served.prompts, served.replies, strict=True))[:2])
+                served_gap["served_logprob_gap"] = check_served_logprobs(
+                    engine, model, probe, config.temperature, config.logprob_tolerance
+                )
+                rollout = served.rollout.to(device)
+                old_logprobs, ref_logprobs = (
+                    served.logprobs.to(device),
+                    served.ref_logprobs.to(device),
+                )
+                entropy = served.entropy.to(device)
+                nucleus = None if served.nucleus is None else served.nucleus.to(device)
+                with torch.no_grad():
+                    old_values = value_head(served.hidden.to(device))
+            else:
+                rollout = sample_replies(
                     model,
-                    rollout.input_ids[rows],
-                    rollout.attention_mask[rows],
-                    rollout.prompt_length,
+                    tokenizer,
+                    batch,
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                )
+                old_logprobs, ref_logprobs, old_values, entropy, nucleus = score_rollout(
+                    model,
+                    value_head,
+                    rollout,
                     config.temperature,
-                    nucleus=None if nucleus is None else nucleus[rows],
+                    config.top_p,
+                    config.minibatch_size,
                 )
-                values = value_head(hidden)
-                pg_loss, clipfrac, approx_kl = policy_loss(
-                    logprobs, old_logprobs[rows], advantages[rows], mask[rows], config.cliprange
+            q = torch.tensor(checked_rewards(reward_fn(batch, rollout.texts), len(batch)))
+            q = q.to(device)
+            mask = rollout.reply_mask
+            with torch.no_grad():
+                # 2. Per-token rewards: the KL penalty to pi_i everywhere, Q at the last token.
+                kl = (old_logprobs - ref_logprobs) * mask
+                score = q
+                if config.whiten_scores:
+                    score = masked_whiten(score, torch.ones_like(score))
+                if config.score_clip is not None:
+                    score = score.clamp(-config.score_clip, config.score_clip)
+                rewards = token_rewards(score, kl, mask, config.beta)
+                advantages, returns = compute_gae(
+                    rewards, old_values, mask, config.gamma_tok, config.lam
                 )
-                vf_loss, vf_clipfrac = value_loss(
-                    values, old_values[rows], returns[rows], mask[rows], config.cliprange_value
-                )
-                loss = pg_loss + config.vf_coef * vf_loss
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(all_params, config.max_grad_norm)
-                optimizer.step()
-                for key, value in (
-                    ("policy_loss", pg_loss),
-                    ("value_loss", vf_loss),
-                    ("clipfrac", clipfrac),
-                    ("value_clipfrac", vf_clipfrac),
-                    ("approx_kl", approx_kl),
+                if config.whiten_advantages:
+                    advantages = masked_whiten(advantages, mask) * mask
+
+            # 3. Optimise: n_ppo_epochs passes of minibatches over this rollout.
+            stats: dict[str, list[float]] = {
+                k: []
+                for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")
+            }
+            epochs_run = 0
+            for _ in range(config.n_ppo_epochs):
+                epoch_kl: list[float] = []
+                permutation = torch.randperm(len(batch), generator=order).tolist()
+                for start in range(0, len(batch), config.minibatch_size):
+                    rows = permutation[start : start + config.minibatch_size]
+                    logprobs, _, hidden = reply_forward(
+                        model,
+                        rollout.input_ids[rows],
+                        rollout.attention_mask[rows],
+                        rollout.prompt_length,
+                        config.temperature,
+                        nucleus=None if nucleus is None else nucleus[rows],
+                    )
+                    values = value_head(hidden)
+                    pg_loss, clipfrac, approx_kl = policy_loss(
+                        logprobs, old_logprobs[rows], advantages[rows], mask[rows], config.cliprange
+                    )
+                    vf_loss, vf_clipfrac = value_loss(
+                        values, old_values[rows], returns[rows], mask[rows], config.cliprange_value
+                    )
+                    loss = pg_loss + config.vf_coef * vf_loss
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(all_params, config.max_grad_norm)
+                    optimizer.step()
+                    for key, value in (
+                        ("policy_loss", pg_loss),
+                        ("value_loss", vf_loss),
+                        ("clipfrac", clipfrac),
+                        ("value_clipfrac", vf_clipfrac),
+                        ("approx_kl", approx_kl),
+                    ):
+                        stats[key].append(float(value.item()))
+                    epoch_kl.append(float(approx_kl.item()))
+                epochs_run += 1
+                if (
+                    config.target_kl is not None
+                    and sum(epoch_kl) / len(epoch_kl) > config.target_kl
                 ):
-                    stats[key].append(float(value.item()))
-                epoch_kl.append(float(approx_kl.item()))
-            epochs_run += 1
-            if config.target_kl is not None and sum(epoch_kl) / len(epoch_kl) > config.target_kl:
-                break
+                    break
 
-        kl_per_reply = kl.sum(dim=1)
-        metrics = {
-            "update": float(update + 1),
-            "q_mean": float(q.mean().item()),
-            "q_std": float(q.std().item()) if len(batch) > 1 else 0.0,
-            "reward_mean": float((q - config.beta * kl_per_reply).mean().item()),
-            "kl_ref": float(kl_per_reply.mean().item()),
-            "kl_ref_per_token": float(masked_mean(kl, mask).item()),
-            "entropy": float(masked_mean(entropy, mask).item()),
-            "reply_tokens": float(mask.sum(dim=1).mean().item()),
-            "epochs": float(epochs_run),
-            "seconds": time.monotonic() - started,
-            **{key: sum(seen) / len(seen) for key, seen in stats.items()},
-        }
-        history.append(metrics)
-        log.info(
-            "ppo update %d/%d: q %.4f kl_ref %.4f clipfrac %.3f",
-            update + 1,
-            config.num_updates,
-            metrics["q_mean"],
-            metrics["kl_ref"],
-            metrics["clipfrac"],
-        )
-        progress("ppo", (update + 1) / config.num_updates)
+            kl_per_reply = kl.sum(dim=1)
+            metrics = {
+                "update": float(update + 1),
+                "q_mean": float(q.mean().item()),
+                "q_std": float(q.std().item()) if len(batch) > 1 else 0.0,
+                "reward_mean": float((q - config.beta * kl_per_reply).mean().item()),
+                "kl_ref": float(kl_per_reply.mean().item()),
+                "kl_ref_per_token": float(masked_mean(kl, mask).item()),
+                "entropy": float(masked_mean(entropy, mask).item()),
+                "reply_tokens": float(mask.sum(dim=1).mean().item()),
+                "epochs": float(epochs_run),
+                "seconds": time.monotonic() - started,
+                **served_gap,
+                **{key: sum(seen) / len(seen) for key, seen in stats.items()},
+            }
+            history.append(metrics)
+            log.info(
+                "ppo update %d/%d: q %.4f kl_ref %.4f clipfrac %.3f",
+                update + 1,
+                config.num_updates,
+                metrics["q_mean"],
+                metrics["kl_ref"],
+                metrics["clipfrac"],
+            )
+            progress("ppo", (update + 1) / config.num_updates)
 
-    save_policy(model, output_dir)
-    summary = {**history[-1], "q_mean_first": history[0]["q_mean"]}
-    return summary, history
+        save_policy(model, output_dir)
+        summary = {**history[-1], "q_mean_first": history[0]["q_mean"]}
+        return summary, history
+    finally:
+        if engine is not None:
+            engine.close()
