@@ -33,6 +33,7 @@ import torch
 
 from workers.learning.chat import ChatMessage, Turn, chat_turns
 from workers.learning.configs import QFitConfig
+from workers.learning.engine import DecodeEngine, DecodeParams, LoraArm, UnsupportedModel
 from workers.learning.evidence import (
     ImprovementCheck,
     RateEstimates,
@@ -169,6 +170,53 @@ def sample_from(
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
+def sampling_engine(model: Any, tokenizer: Any, settings: CheckSettings) -> DecodeEngine | None:
+    """The serving engine over the model's base with each of its adapters as an arm (None
+    when it cannot reproduce this model: then generate() samples)."""
+    base = model.get_base_model()
+    try:
+        engine = DecodeEngine(
+            base,
+            end_token_ids=_end_token_ids(model, tokenizer),
+            max_batch=max(settings.batch_size, settings.samples),
+            max_positions=min(int(base.config.max_position_embeddings), 8192),
+        )
+        for name in model.peft_config:
+            engine.set_arm(name, LoraArm.from_peft(engine.weights, model, name))
+    except UnsupportedModel as exc:
+        log.warning("candidate check samples with generate(): %s", exc)
+        return None
+    return engine
+
+
+def sample_with_engine(
+    engine: DecodeEngine,
+    tokenizer: Any,
+    adapter: str,
+    prompts: Sequence[list[ChatMessage]],
+    settings: CheckSettings,
+) -> list[list[str]]:
+    """settings.samples replies per prompt from the engine's arm (one prefill per prompt)."""
+    futures = []
+    for i, messages in enumerate(prompts):
+        text = tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        params = DecodeParams(
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            n=settings.samples,
+            seed=settings.seed * 1_000_003 + i,
+        )
+        futures.append(engine.submit(ids, adapter, params))
+    return [
+        [str(tokenizer.decode(s.tokens, skip_special_tokens=True)) for s in future.result()]
+        for future in futures
+    ]
+
+
 def reply_logprobs(
     model: Any,
     tokenizer: Any,
@@ -302,10 +350,19 @@ def run_check(
     model.load_adapter(str(candidate_adapter), adapter_name=CANDIDATE_ADAPTER)
     model.eval()
     prompts = [prompt_of(d.system, d.state) for d in scorable]
-    sampled = {
-        name: sample_from(model, tokenizer, name, prompts, settings)
-        for name in (PARENT_ADAPTER, CANDIDATE_ADAPTER)
-    }
+    engine = sampling_engine(model, tokenizer, settings)
+    try:
+        sampled = {
+            name: (
+                sample_with_engine(engine, tokenizer, name, prompts, settings)
+                if engine is not None
+                else sample_from(model, tokenizer, name, prompts, settings)
+            )
+            for name in (PARENT_ADAPTER, CANDIDATE_ADAPTER)
+        }
+    finally:
+        if engine is not None:
+            engine.close()
     logged = [d.action for d in scorable]
     modelled = [d.action != ABSTAIN_MARKER for d in scorable]
     rows = [i for i, ok in enumerate(modelled) if ok]
