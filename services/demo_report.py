@@ -6,11 +6,16 @@ import html
 import math
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from services.demo import DemoResult, Phase, ScoreSummary
-from services.experiments.report import ArmResult
+from services.experiments.report import (
+    ArmResult,
+    difference_interval,
+    minimum_detectable_effect,
+)
 
 
 def two_proportion_p_value(a: ArmResult, b: ArmResult) -> float | None:
@@ -25,6 +30,43 @@ def two_proportion_p_value(a: ArmResult, b: ArmResult) -> float | None:
     return math.erfc(abs(z) / math.sqrt(2))
 
 
+def _pp(value: float) -> str:
+    """A difference of two rates, in percentage points."""
+    return f"{value * 100:+.1f} pp"
+
+
+def ab_difference(phase: Phase) -> str:
+    """The A/B's own two arms: treatment minus control in points, with Newcombe's interval."""
+    if len(phase.arms) != 2:
+        return ""
+    control, treatment = phase.arms
+    if not control.ended or not treatment.ended:
+        return f"A/B {short(control.policy)} vs {short(treatment.policy)}: no ended conversations"
+    low, high = difference_interval(
+        treatment.outcomes, treatment.ended, control.outcomes, control.ended
+    )
+    return (
+        f"A/B {short(control.policy)} {control.outcome_rate:.1%} (n {control.ended}) vs "
+        f"{short(treatment.policy)} {treatment.outcome_rate:.1%} (n {treatment.ended}): "
+        f"{_pp(treatment.outcome_rate - control.outcome_rate)} (95% CI {_pp(low)} to {_pp(high)})"
+    )
+
+
+def detectable(phase: Phase) -> str:
+    """What an A/B of this size can detect: the lift over the control's rate found with 80%
+    power at p < 0.05."""
+    if len(phase.arms) != 2:
+        return ""
+    control, treatment = phase.arms
+    lift = minimum_detectable_effect(control.outcome_rate, control.ended, treatment.ended)
+    if lift is None:
+        return f"at n {control.ended} + {treatment.ended} no lift is reliably detectable"
+    return (
+        f"at n {control.ended} + {treatment.ended} it detects (80% power) only lifts of "
+        f"{_pp(lift)} or more over {control.outcome_rate:.1%}"
+    )
+
+
 def verdict(phase: Phase) -> str:
     """Say plainly whether the new policy did better, worse, or not distinguishably."""
     if len(phase.arms) != 2:
@@ -37,13 +79,18 @@ def verdict(phase: Phase) -> str:
     direction = "higher" if diff > 0 else "lower"
     if p < 0.05:
         return (
-            f"{treatment.policy} reached a {direction} outcome rate than {control.policy} "
-            f"({diff:+.1%}, p = {p:.3f})"
+            f"{short(treatment.policy)} reached a {direction} outcome rate than "
+            f"{short(control.policy)} ({_pp(diff)}, p = {p:.3f})"
         )
     return (
-        f"no significant difference: {diff:+.1%} for {treatment.policy} vs "
-        f"{control.policy} (p = {p:.2f}); more traffic would be needed to tell"
+        f"no significant difference: {_pp(diff)} for {short(treatment.policy)} vs "
+        f"{short(control.policy)} (p = {p:.2f}); {detectable(phase)}"
     )
+
+
+def short(policy: str) -> str:
+    """A policy id short enough for a table cell (it-8344764c14c3... -> it-8344764c)."""
+    return policy if len(policy) <= 11 else policy[:11]
 
 
 def score_difference(phase: Phase) -> str:
@@ -153,49 +200,56 @@ def evidence_lines(result: DemoResult) -> list[str]:
 
 
 def print_report(result: DemoResult, console: Console) -> None:
-    table = Table(title=f"outcomeloop demo: {result.scenario.name} (seed {result.config.seed})")
-    for column in (
-        "phase",
-        "arm",
-        "policy",
-        "n",
-        "outcome rate (95% CI)",
-        "accepted",
-        "edited",
-        "rejected",
-        "abstained",
-        "sim. score (95% CI)",
-    ):
-        table.add_column(
-            column, justify="right" if column not in ("phase", "arm", "policy") else "left"
-        )
-    for phase in result.phases:
-        for arm in phase.arms:
+    # Sized for 80 columns: short phase and policy names, two-letter usage columns.
+    table = Table(
+        title=f"outcomeloop demo: {result.scenario.name} (seed {result.config.seed})",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+    )
+    for column in ("phase", "policy", "n", "outcome (CI)", "acc", "edi", "rej", "abs"):
+        table.add_column(column, justify="left" if column in ("phase", "policy") else "right")
+    table.add_column("sim. score", justify="right")
+    for number, phase in enumerate(result.phases):
+        for side, arm in enumerate(phase.arms):
             low, high = arm.interval
+            role = ("ctl", "trt")[side] if len(phase.arms) == 2 else arm.arm[:5]
+            score = phase.scores.get(arm.arm)
             table.add_row(
-                phase.name,
-                arm.arm,
-                arm.policy,
+                f"{number} {role}",
+                short(arm.policy),
                 str(arm.ended),
-                f"{arm.outcome_rate:.1%} ({low:.1%}-{high:.1%})",
+                f"{arm.outcome_rate:.0%} ({low * 100:.0f}-{high * 100:.0f})",
                 *(
                     f"{arm.relation_rate(r):.0%}"
                     for r in ("accepted", "edited", "rejected", "abstained")
                 ),
-                _score(phase.scores.get(arm.arm)),
+                "n/a"
+                if score is None or score.n < 2
+                else f"{score.mean:+.2f}±{(score.high - score.low) / 2:.2f}",
             )
     console.print(table)
+    for number, phase in enumerate(result.phases):
+        console.print(f"phase {number}: {phase.name}")
     console.print(
-        "sim. score: the simulator's own score of the suggestions (Scenario.score: their direct "
-        "effect on the outcome log-odds); a diagnostic production does not have"
+        "ctl/trt: the A/B's control and treatment arms; outcome: the rate with its 95% "
+        "interval. acc/edi/rej/abs: suggestions accepted, "
+        "edited, rejected, abstained. sim. score (± the 95% half-width): the simulator's own "
+        "score of the suggestions (Scenario.score: their direct effect on the outcome "
+        "log-odds); a diagnostic production does not have"
     )
     for name, rate in result.reference_rates.items():
         console.print(f"reference (simulator, offline): {name}: {rate:.1%}")
-    for summary in result.iterations:
+    for number, summary in enumerate(result.iterations, start=1):
         m = summary.metrics
+        ab = ab_difference(result.phases[number]) if number < len(result.phases) else ""
         console.print(
-            f"iteration {summary.iteration_id[:8]} ({summary.parent} -> {summary.candidate}): "
-            f"{summary.status}; Q held-out AUC {_fmt(m.get('q_auc'))} "
+            f"iteration {summary.iteration_id[:8]} ({short(summary.parent)} -> "
+            f"{short(summary.candidate or '')}): {summary.status}"
+            + (f"; {ab}" if ab else "; no A/B ran")
+        )
+        console.print(
+            f"  Q held-out AUC {_fmt(m.get('q_auc'))} "
             f"(first half {_fmt(m.get('q_auc_first_half'))}), MSE {_fmt(m.get('q_mse'))}, "
             f"Brier {_fmt(m.get('q_brier'))}, ranking corr(Q - V, G - V) "
             f"{_interval(m, 'q_rank_corr')}, {m.get('data_examples', 0)} decisions"
@@ -277,36 +331,35 @@ def _bars_svg(phases: list[Phase], width: int = 640, height: int = 260) -> str:
 
 
 def _iterations_svg(result: DemoResult, width: int = 640, height: int = 220) -> str:
-    """Outcome rate of the policy serving after each iteration (0 = pi_0 alone)."""
-    points: list[tuple[int, ArmResult]] = []
-    for index, phase in enumerate(result.phases):
-        points.append((index, phase.arms[-1]))
-    if not points:
+    """Per iteration, the two arms of its own A/B test (control and candidate), with their 95%
+    intervals: the comparison the A/B supports (not pi_0-alone traffic against a later arm)."""
+    tests = [(index, phase) for index, phase in enumerate(result.phases) if len(phase.arms) == 2]
+    if not tests:
         return ""
     left, bottom, top = 50, 40, 20
     plot_h, plot_w = height - bottom - top, width - left - 30
-    step = plot_w / max(1, len(points) - 1)
-    parts = _svg_frame(width, height, "outcome rate per iteration", left, 30, top, plot_h)
-    coords = []
-    for index, arm in points:
-        x = left + index * step
-        y = top + plot_h * (1 - arm.outcome_rate)
-        low, high = arm.interval
-        coords.append(f"{x:.1f},{y:.1f}")
+    slot = plot_w / len(tests)
+    parts = _svg_frame(width, height, "the arms of each A/B test", left, 30, top, plot_h)
+    colours = ("#4c78a8", "#f58518")
+    for n, (index, phase) in enumerate(tests):
+        for side, arm in enumerate(phase.arms):
+            x = left + n * slot + slot * (0.35 + 0.3 * side)
+            y = top + plot_h * (1 - arm.outcome_rate)
+            low, high = arm.interval
+            parts.append(
+                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h * (1 - low):.1f}" '
+                f'y2="{top + plot_h * (1 - high):.1f}" stroke="{colours[side]}"/>'
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colours[side]}"><title>'
+                f"{html.escape(arm.policy)}: {arm.outcome_rate:.1%} ({low:.1%}-{high:.1%}, "
+                f"n={arm.ended})</title></circle>"
+                f'<text x="{x:.1f}" y="{height - bottom + 14}" font-size="10" '
+                f'text-anchor="middle">{html.escape(short(arm.policy))}</text>'
+            )
+        lift = _pp(phase.arms[1].outcome_rate - phase.arms[0].outcome_rate)
         parts.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h * (1 - low):.1f}" '
-            f'y2="{top + plot_h * (1 - high):.1f}" stroke="#888"/>'
+            f'<text x="{left + (n + 0.5) * slot:.1f}" y="{height - bottom + 28}" font-size="11" '
+            f'text-anchor="middle">iteration {index}: {html.escape(lift)}</text>'
         )
-        parts.append(
-            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#4c78a8"><title>'
-            f"{html.escape(arm.policy)}: {arm.outcome_rate:.1%}</title></circle>"
-        )
-        parts.append(
-            f'<text x="{x:.1f}" y="{height - bottom + 16}" font-size="11" '
-            f'text-anchor="middle">iteration {index} ({html.escape(arm.policy[:10])})'
-            "</text>"
-        )
-    parts.append(f'<polyline points="{" ".join(coords)}" fill="none" stroke="#4c78a8"/>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -361,8 +414,8 @@ def render_html(result: DemoResult) -> str:
             + "</tr>"
         )
     verdicts = "".join(
-        f"<li><b>{html.escape(p.name)}</b>: {html.escape(verdict(p))}; "
-        f"{html.escape(score_difference(p))}</li>"
+        f"<li><b>{html.escape(p.name)}</b>: {html.escape(ab_difference(p))}; "
+        f"{html.escape(verdict(p))}; {html.escape(score_difference(p))}</li>"
         for p in result.phases[1:]
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
@@ -373,24 +426,26 @@ def render_html(result: DemoResult) -> str:
     c = result.config
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>outcomeloop demo report</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;
-text-align:right}}td:nth-child(-n+3){{text-align:left}}h2{{margin-top:1.5em}}</style></head>
+<style>body{{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
+color:#222}}.wide{{overflow-x:auto}}table{{border-collapse:collapse;margin:1em 0;font-size:14px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}th{{font-weight:600}}
+td:nth-child(-n+3){{text-align:left;overflow-wrap:anywhere}}h2{{margin-top:1.5em}}</style></head>
 <body><h1>outcomeloop demo: {html.escape(result.scenario.name)}</h1>
 <p>{html.escape(result.scenario.description)} Seed {c.seed}; {c.conversations} simulated
 conversations per phase; {c.iterations} iteration(s); wall time {result.seconds / 60:.1f} min.</p>
 <h2>Outcome rate per arm</h2>{_bars_svg(result.phases)}
-<table><tr><th>phase</th><th>arm</th><th>policy</th><th>conversations</th>
+<div class="wide"><table><tr><th>phase</th><th>arm</th><th>policy</th><th>n</th>
 <th>outcome rate (95% CI)</th><th>accepted</th><th>edited</th><th>rejected</th>
-<th>abstained</th><th>simulator score (95% CI)</th></tr>{"".join(rows)}</table>
+<th>abstained</th><th>simulator score (95% CI)</th></tr>{"".join(rows)}</table></div>
 <p>Simulator score: the simulator's own score of the suggestions (their direct effect on the
 outcome log-odds, <code>Scenario.score</code>); a diagnostic that production does not have.</p>
 <h2>Per iteration</h2>{_iterations_svg(result)}
-<table><tr><th>iteration</th><th>parent</th><th>candidate</th><th>status</th><th>decisions</th>
+<div class="wide"><table><tr><th>iteration</th><th>parent</th><th>candidate</th><th>status</th>
+<th>decisions</th>
 <th>Q AUC</th><th>Q AUC (first half)</th><th>Q MSE</th><th>Brier</th>
 <th>PPO: Q of samples, first update</th><th>last update</th><th>KL to parent</th>
 <th>time</th></tr>
-{"".join(iteration_rows)}</table>
+{"".join(iteration_rows)}</table></div>
 <h2>Evidence before traffic</h2><ul>{evidence or "<li>no iteration ran</li>"}</ul>
 <h2>Verdict</h2><ul>{verdicts or "<li>no A/B test ran</li>"}</ul>
 <h2>Reference</h2><ul>{reference}</ul><h2>Notes</h2><ul>{notes}</ul>

@@ -33,10 +33,11 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> No
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     out = done.stdout
-    assert "outcome rate (95% CI)" in out
+    assert "outcome (CI)" in out
     assert "approved automatically" in out, "the demo must say it played the operator"
     assert "Q held-out AUC" in out and "A/B pi0 vs it-" in out
-    assert "sim. score (95% CI)" in out and "PPO: Q of samples" in out
+    assert "sim. score" in out and "PPO: Q of samples" in out
+    assert " pp (95% CI " in out, "the iteration line compares its own A/B's arms in points"
     page = report.read_text()
     assert page.startswith("<!doctype html>") and page.count("<svg") == 2
     assert "Verdict" in page and "http" not in page.split("<body>")[1].replace(

@@ -100,3 +100,79 @@ def test_scenario_check_correlates_q_with_the_simulator_within_states(tmp_path: 
     # A per-state offset (c) does not count: only how Q orders replies within a state.
     assert check.check_q[0] == pytest.approx(1.0) and check.ppo_q[0] == pytest.approx(-1.0)
     assert scenario_check(Path(str(tmp_path)) / "missing.jsonl", scenario) is None
+
+
+def _long_result() -> object:
+    from services.demo import DemoConfig, DemoResult, IterationSummary
+    from services.simulator.scenarios import SCENARIOS
+
+    candidate = "it-8344764c14c3432bbf3feec5"
+    alone = Phase(
+        "pi0 alone",
+        "e0",
+        [
+            ArmResult(
+                "pi0",
+                "pi0",
+                32,
+                32,
+                9,
+                {"accepted": 20, "edited": 5, "rejected": 4, "abstained": 3},
+            )
+        ],
+        1.0,
+        {"pi0": ScoreSummary.of([0.1, 0.2, -0.3])},
+    )
+    ab = Phase(
+        f"A/B pi0 vs {candidate}",
+        "e1",
+        [
+            ArmResult("control", "pi0", 16, 16, 4, {"accepted": 10}),
+            ArmResult("treatment", candidate, 16, 15, 6, {"accepted": 9, "rejected": 1}),
+        ],
+        1.0,
+        {
+            "control": ScoreSummary.of([0.1, -0.2, 0.05]),
+            "treatment": ScoreSummary.of([0.3, 0.2, -0.1]),
+        },
+    )
+    summary = IterationSummary(
+        "8344764c-aaaa", "pi0", candidate, "deployed", {"q_auc": 0.61}, 300.0
+    )
+    return DemoResult(
+        DemoConfig(), SCENARIOS["renovation"], [alone, ab], [summary], {}, 600.0, "sqlite://", []
+    )
+
+
+def test_the_terminal_report_is_legible_in_80_columns() -> None:
+    import io
+
+    from rich.console import Console
+
+    from services.demo_report import print_report
+
+    out = io.StringIO()
+    print_report(_long_result(), Console(file=out, width=80, color_system=None))  # type: ignore[arg-type]
+    text = out.getvalue()
+    table = text.split("phase 0:")[0]
+    assert all(len(line) <= 80 for line in table.splitlines())
+    assert "…" not in table, "a cell was cut"
+    for header in ("policy", "outcome (CI)", "acc", "edi", "rej", "abs", "sim. score"):
+        assert header in table
+    assert "it-8344764c" in table and "28% (16-45)" in table  # 9 of 32, Wilson
+
+
+def test_differences_are_points_and_compare_the_arms_of_one_ab() -> None:
+    from services.demo_report import ab_difference, verdict
+    from services.experiments.report import difference_interval
+
+    result = _long_result()
+    ab = result.phases[1]  # type: ignore[attr-defined]
+    low, high = difference_interval(6, 15, 4, 16)
+    line = ab_difference(ab)
+    # 6/15 - 4/16 = 0.40 - 0.25: +15.0 points, against this A/B's own control (not pi0 alone).
+    assert "pi0 25.0% (n 16) vs it-8344764c 40.0% (n 15): +15.0 pp" in line
+    assert f"(95% CI {low * 100:+.1f} pp to {high * 100:+.1f} pp)" in line
+    said = verdict(ab)
+    assert "+15.0 pp" in said and "%" not in said.split("pp")[0]
+    assert "detects (80% power) only lifts of" in said

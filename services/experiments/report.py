@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 from sqlalchemy.orm import Session
 
@@ -20,6 +21,51 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference_interval(
+    successes_a: int, n_a: int, successes_b: int, n_b: int
+) -> tuple[float, float]:
+    """95% interval of p_a - p_b by Newcombe's hybrid score method (his method 10: sound at
+    small n, unlike the Wald interval), from each arm's Wilson interval."""
+    p_a = successes_a / n_a if n_a else 0.0
+    p_b = successes_b / n_b if n_b else 0.0
+    (low_a, high_a), (low_b, high_b) = (
+        wilson_interval(successes_a, n_a),
+        wilson_interval(successes_b, n_b),
+    )
+    d = p_a - p_b
+    return (
+        d - math.sqrt((p_a - low_a) ** 2 + (high_b - p_b) ** 2),
+        d + math.sqrt((high_a - p_a) ** 2 + (p_b - low_b) ** 2),
+    )
+
+
+def minimum_detectable_effect(
+    base_rate: float, n_control: int, n_treatment: int, alpha: float = 0.05, power: float = 0.8
+) -> float | None:
+    """The smallest lift over base_rate that a two-sided z-test at alpha detects with the given
+    power at these arm sizes (unpooled normal approximation); None when no lift up to 1 - base
+    rate is detectable or an arm is empty."""
+    if n_control <= 0 or n_treatment <= 0:
+        return None
+    normal = NormalDist()
+    z_alpha, z_power = normal.inv_cdf(1 - alpha / 2), normal.inv_cdf(power)
+
+    def shortfall(lift: float) -> float:
+        treated = base_rate + lift
+        se = math.sqrt(
+            base_rate * (1 - base_rate) / n_control + treated * (1 - treated) / n_treatment
+        )
+        return lift - (z_alpha + z_power) * se
+
+    low, high = 0.0, 1.0 - base_rate
+    if shortfall(high) < 0:
+        return None
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if shortfall(middle) < 0 else (low, middle)
+    return high
 
 
 @dataclass
