@@ -598,6 +598,7 @@ def train_ppo(
     probe: list[tuple[list[int], list[int]]] = []
     try:
         for update in range(config.num_updates):
+            update_started = time.monotonic()
             # 1. Rollout: sample replies from the current policy, score them with Q, and record the
             # log-probs of the policy that sampled them, of pi_i, and the values.
             batch = [prompts[i] for i in next(batches)]
@@ -663,6 +664,7 @@ def train_ppo(
                     advantages = masked_whiten(advantages, mask) * mask
 
             # 3. Optimise: n_ppo_epochs passes of minibatches over this rollout.
+            rollout_seconds = time.monotonic() - update_started
             stats: dict[str, list[float]] = {
                 k: []
                 for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")
@@ -721,6 +723,9 @@ def train_ppo(
                 "reply_tokens": float(mask.sum(dim=1).mean().item()),
                 "epochs": float(epochs_run),
                 "seconds": time.monotonic() - started,
+                # Rollout (sampling, Q, pi_i's log-probs, values) and the optimisation epochs.
+                "rollout_seconds": rollout_seconds,
+                "optimise_seconds": time.monotonic() - update_started - rollout_seconds,
                 **served_gap,
                 **{key: sum(seen) / len(seen) for key, seen in stats.items()},
             }

@@ -1,0 +1,104 @@
+"""PPO's time per sample, rollouts through generate() (the baseline) against rollouts through the
+serving engine, in one run.
+
+    python -m tests.benchmarks.ppo_speed [--updates 3] [--batch-size 8] [--epochs 2]
+        [--engines transformers,fast] [--output FILE.json]
+
+The default model (SmolLM2-135M-Instruct, float32, CPU), pi_0's adapter as the parent, the
+demo's PPO settings (minibatch 4, 40 new tokens, lr 1e-4, beta 0.05) sampled as served (T 0.8,
+top_p 0.95), on simulated renovation states (the prompts PPO gets in the demo), with the
+simulator's own score as the reward (cheap: the reward's cost is not what is measured). Per
+engine: seconds per sample over all updates after the first (which loads and warms up), split
+into the rollout (sampling, pi_i's log-probs, values) and the optimisation epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from services.simulator.scenarios import SCENARIOS
+from tests.benchmarks.ppo_diagnosis import oracle, states
+from tests.real_model import prepared_smollm2
+from workers.learning.adapters import LoraSpec, create_zero_adapter
+from workers.learning.configs import PPOConfig
+from workers.learning.ppo import train_ppo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--updates", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--engines", default="transformers,fast")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+    model = prepared_smollm2()
+    scenario = SCENARIOS["renovation"]
+    prompts = states(scenario, 12, seed=5)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ppo-speed-") as tmp:
+        parent = create_zero_adapter(model, Path(tmp) / "pi0", LoraSpec())
+        for engine in args.engines.split(","):
+            config = PPOConfig(
+                num_updates=args.updates,
+                batch_size=args.batch_size,
+                minibatch_size=min(4, args.batch_size),
+                n_ppo_epochs=args.epochs,
+                max_new_tokens=40,
+                learning_rate=1e-4,
+                beta=0.05,
+                temperature=0.8,
+                top_p=0.95,
+                device="cpu",
+                rollout_engine=engine,
+            )
+            started = time.monotonic()
+            _, history = train_ppo(
+                base_model=model,
+                parent_adapter=parent,
+                prompts=prompts,
+                reward_fn=oracle(scenario),
+                config=config,
+                output_dir=Path(tmp) / engine,
+                progress=lambda _what, _fraction: None,
+            )
+            timed = history[1:] or history
+            samples = len(timed) * args.batch_size
+            row = {
+                "engine": engine,
+                "updates_timed": len(timed),
+                "samples": samples,
+                "s_per_sample": round(
+                    sum(h["rollout_seconds"] + h["optimise_seconds"] for h in timed) / samples, 3
+                ),
+                "rollout_s_per_sample": round(
+                    sum(h["rollout_seconds"] for h in timed) / samples, 3
+                ),
+                "optimise_s_per_sample": round(
+                    sum(h["optimise_seconds"] for h in timed) / samples, 3
+                ),
+                "reply_tokens": round(sum(h["reply_tokens"] for h in timed) / len(timed), 1),
+                "served_logprob_gap": max(
+                    (h.get("served_logprob_gap", 0.0) for h in history), default=0.0
+                ),
+                "wall_s": round(time.monotonic() - started, 1),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    by = {r["engine"]: r for r in rows}
+    if "transformers" in by and "fast" in by:
+        for key in ("s_per_sample", "rollout_s_per_sample", "optimise_s_per_sample"):
+            print(f"{key}: fast / transformers = {by['fast'][key] / by['transformers'][key]:.2f}")
+    if args.output:
+        args.output.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
