@@ -199,3 +199,45 @@ def test_api_on_vllm_suggests_from_each_arm(
     assert len(texts["control"]) == len(texts["treatment"]) == 1, "greedy: one text per arm"
     assert texts["control"] != texts["treatment"]
     backend.close()
+
+
+def test_fast_engine_matches_peft_per_arm_on_smollm2(
+    smollm2: Path, smol_adapters: dict[str, Path]
+) -> None:
+    """Exactness on the real model: each arm's greedy reply equals peft + generate() in fp32,
+    and a sampled reply's log-prob the trainer's forward pass (within 0.05)."""
+    from peft import PeftModel
+
+    from workers.learning.engine import DecodeEngine, DecodeParams
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
+    engine = DecodeEngine(
+        AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32),
+        end_token_ids=[tokenizer.eos_token_id],
+        max_batch=4,
+    )
+    ids = tokenizer(
+        tokenizer.apply_chat_template(
+            [m.as_dict() for m in PROMPT], tokenize=False, add_generation_prompt=True
+        ),
+        add_special_tokens=False,
+    )["input_ids"]
+    try:
+        for name, path in smol_adapters.items():
+            engine.load_arm(name, path)
+            model = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32), str(path)
+            ).eval()
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+            [greedy] = engine.generate(ids, name, DecodeParams(max_new_tokens=24, temperature=0))
+            assert greedy.tokens == out[0, len(ids) :].tolist()[: len(greedy.tokens)], name
+            [sample] = engine.generate(
+                ids, name, DecodeParams(max_new_tokens=24, temperature=0.8, seed=1)
+            )
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + sample.tokens])).logits[0]
+            own = torch.log_softmax(logits[len(ids) - 1 : -1] / 0.8, dim=-1)
+            expected = float(own.gather(-1, torch.tensor(sample.tokens)[:, None]).sum())
+            assert abs(sample.logprob - expected) < 0.05, (name, sample.logprob, expected)
+    finally:
+        engine.close()
