@@ -97,7 +97,14 @@ class Settings(BaseSettings):
         default=True,
         description="Refuse to suggest unless the latest message is the customer's (or none).",
     )
-    embedded_max_batch: int = Field(default=8, ge=1, description="Requests per generate call.")
+    embedded_engine: Literal["fast", "transformers"] = Field(
+        default="fast",
+        description="fast: workers/learning/engine.py (continuous batching, per-row LoRA arms, "
+        "prefix reuse); transformers: generate() with peft, the reference it replaced.",
+    )
+    embedded_max_batch: int = Field(
+        default=8, ge=1, description="Rows decoded together (fast) or requests per generate call."
+    )
     embedded_batch_window_ms: float = Field(
         default=10.0, ge=0, description="How long the embedded backend waits to fill a batch."
     )

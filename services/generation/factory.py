@@ -35,6 +35,7 @@ def build_backend(settings: Settings) -> GenerationBackend:
         max_context_tokens=settings.max_context_tokens,
         max_batch_size=settings.embedded_max_batch,
         batch_window_ms=settings.embedded_batch_window_ms,
+        engine=settings.embedded_engine,
     )
 
 
