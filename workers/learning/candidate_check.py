@@ -33,7 +33,7 @@ import torch
 
 from workers.learning.chat import ChatMessage, Turn, chat_turns
 from workers.learning.configs import QFitConfig
-from workers.learning.engine import DecodeEngine, DecodeParams, LoraArm, UnsupportedModel
+from workers.learning.engine import DecodeEngine, DecodeParams
 from workers.learning.evidence import (
     ImprovementCheck,
     RateEstimates,
@@ -47,6 +47,7 @@ from workers.learning.ppo import (
     _end_token_ids,
     logprobs_of,
     nucleus_mask,
+    peft_engine,
     reply_logits,
     reply_token_mask,
     sample_replies,
@@ -168,25 +169,6 @@ def sample_from(
         texts.extend(rollout.texts)
     k = settings.samples
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
-
-
-def sampling_engine(model: Any, tokenizer: Any, settings: CheckSettings) -> DecodeEngine | None:
-    """The serving engine over the model's base with each of its adapters as an arm (None
-    when it cannot reproduce this model: then generate() samples)."""
-    base = model.get_base_model()
-    try:
-        engine = DecodeEngine(
-            base,
-            end_token_ids=_end_token_ids(model, tokenizer),
-            max_batch=max(settings.batch_size, settings.samples),
-            max_positions=min(int(base.config.max_position_embeddings), 8192),
-        )
-        for name in model.peft_config:
-            engine.set_arm(name, LoraArm.from_peft(engine.weights, model, name))
-    except UnsupportedModel as exc:
-        log.warning("candidate check samples with generate(): %s", exc)
-        return None
-    return engine
 
 
 def sample_with_engine(
@@ -350,7 +332,12 @@ def run_check(
     model.load_adapter(str(candidate_adapter), adapter_name=CANDIDATE_ADAPTER)
     model.eval()
     prompts = [prompt_of(d.system, d.state) for d in scorable]
-    engine = sampling_engine(model, tokenizer, settings)
+    engine = peft_engine(
+        model,
+        tokenizer,
+        max_batch=max(settings.batch_size, settings.samples),
+        adapters=list(model.peft_config),
+    )
     try:
         sampled = {
             name: (

@@ -396,26 +396,32 @@ class ServedRollout:
     nucleus: Tensor | None  # (B, C, V) bool; None when top_p is 1
 
 
-def rollout_engine(model: Any, tokenizer: Any, config: PPOConfig) -> DecodeEngine | None:
-    """The serving engine over the trainer's base weights, with pi_i as `reference` (None when
-    the config asks for generate() or the engine cannot reproduce this model)."""
-    if config.rollout_engine != "fast":
-        return None
+def peft_engine(
+    model: Any, tokenizer: Any, *, max_batch: int, adapters: Sequence[str]
+) -> DecodeEngine | None:
+    """The serving engine over a PeftModel's base, with the named adapters as arms (None when
+    it cannot reproduce the model; the caller then samples with generate())."""
     base = model.get_base_model()
     try:
         engine = DecodeEngine(
             base,
             end_token_ids=_end_token_ids(model, tokenizer),
-            max_batch=config.batch_size,
+            max_batch=max_batch,
             max_positions=min(int(base.config.max_position_embeddings), 8192),
         )
-        engine.set_arm(
-            REFERENCE_ADAPTER, LoraArm.from_peft(engine.weights, model, REFERENCE_ADAPTER)
-        )
+        for name in adapters:
+            engine.set_arm(name, LoraArm.from_peft(engine.weights, model, name))
     except UnsupportedModel as exc:
-        log.warning("PPO rollouts through generate(): the engine cannot serve this model (%s)", exc)
+        log.warning("sampling with generate(): the engine cannot serve this model (%s)", exc)
         return None
     return engine
+
+
+def rollout_engine(model: Any, tokenizer: Any, config: PPOConfig) -> DecodeEngine | None:
+    """PPO's engine, with pi_i as `reference` (None when the config asks for generate())."""
+    if config.rollout_engine != "fast":
+        return None
+    return peft_engine(model, tokenizer, max_batch=config.batch_size, adapters=[REFERENCE_ADAPTER])
 
 
 def sync_policy(engine: DecodeEngine, model: Any) -> None:
