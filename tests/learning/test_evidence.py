@@ -181,3 +181,19 @@ def test_a_lower_bound_of_exactly_zero_is_flagged() -> None:
     same = [decision(f"c{c}", 0, v_old=0.3, v_new=0.3) for c in range(10)]
     check = improvement_check(same, n_boot=100, seed=0)
     assert check["gain"]["lo"] == 0.0 and check["flagged"]
+
+
+def test_too_few_conversations_give_no_interval_and_a_flag() -> None:
+    from workers.learning.evidence import MIN_CLUSTERS
+
+    few = [
+        decision(f"c{i % (MIN_CLUSTERS - 1)}", i, q_logged=0.2, v_new=0.5, v_old=0.2)
+        for i in range(12)
+    ]
+    check = improvement_check(few, n_boot=200)
+    assert check["gain"]["value"] == pytest.approx(0.3)
+    assert check["gain"]["lo"] is None and check["flagged"]
+    rates = rate_estimates(few, clip=10.0, n_boot=200)
+    assert rates["doubly_robust"]["lo"] is None and rates["direct"]["hi"] is None
+    enough = [decision(f"c{i}", 0, q_logged=0.2, v_new=0.5 + i / 100, v_old=0.2) for i in range(12)]
+    assert improvement_check(enough, n_boot=200)["gain"]["lo"] is not None

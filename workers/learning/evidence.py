@@ -82,13 +82,21 @@ def _estimate(rows: np.ndarray) -> Estimate:
     return Estimate(value=value, lo=lo, hi=hi)
 
 
+# Fewer conversations than this give no interval: resampling 1 conversation gives a width of 0
+# (seen in a demo run: a doubly robust "interval" -0.201 to -0.201 from one conversation).
+MIN_CLUSTERS = 5
+
+
 def _clustered_means(
     values: Sequence[float], groups: Sequence[str], n_boot: int, seed: int
 ) -> Estimate:
-    """The mean of values with a bootstrap interval that resamples whole groups."""
+    """The mean of values with a bootstrap interval that resamples whole groups (none with
+    fewer than MIN_CLUSTERS groups)."""
     if not values:
         return Estimate(value=None, lo=None, hi=None)
     x = np.asarray(values, dtype=np.float64)
+    if len(set(groups)) < MIN_CLUSTERS:
+        return Estimate(value=float(x.mean()), lo=None, hi=None)
     w = np.vstack([np.ones((1, len(x))), conversation_resample_weights(groups, n_boot, seed)])
     totals = w.sum(1)
     rows = np.full(len(w), np.nan)
