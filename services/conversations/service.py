@@ -36,6 +36,8 @@ class Written(Generic[T]):
 def check_text(text: str, *, settings: Settings, what: str = "text") -> str:
     if not text or not text.strip():
         raise Invalid(f"{what} must not be empty")
+    if "\x00" in text:
+        raise Invalid(f"{what} contains a NUL character (\\x00), which no text field stores")
     if len(text) > settings.max_message_chars:
         raise Invalid(
             f"{what} is {len(text)} characters; the limit is {settings.max_message_chars} "
@@ -180,8 +182,8 @@ def record_suggestion(
 ) -> Written[Suggestion]:
     """Log a suggestion (text None = abstained) for the state ending at message `state_seq`
     (default: the latest message)."""
-    if text is not None:
-        text = text[: settings.max_message_chars]
+    if text is not None:  # model output: a NUL (which PostgreSQL text cannot hold) is dropped
+        text = text.replace("\x00", "")[: settings.max_message_chars]
     conversation = _lock(session, business_id=business_id, conversation_id=conversation_id)
     if client_request_id is not None:
         earlier = repository.find_suggestion_by_client_id(

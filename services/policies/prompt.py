@@ -85,8 +85,9 @@ def build_prompt(
 
 
 def parse_completion(text: str) -> str | None:
-    """The suggestion text, or None when the policy abstained (or produced nothing)."""
-    cleaned = text.strip()
+    """The suggestion text, or None when the policy abstained (or produced nothing). NUL
+    characters, which a model can emit and PostgreSQL text cannot store, are dropped."""
+    cleaned = text.replace("\x00", "").strip()
     if not cleaned or cleaned.startswith(ABSTAIN_MARKER):
         return None
     return cleaned

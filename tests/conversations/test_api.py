@@ -161,6 +161,14 @@ def test_bad_input_gets_a_4xx_naming_the_problem(client: TestClient, store: Stor
     )
     assert huge.status_code == 422 and "8000" in huge.json()["detail"]
 
+    # PostgreSQL text cannot hold NUL: refused with a 422 on every store, never a 500.
+    nul = client.post(
+        f"/v1/conversations/{cid}/messages",
+        json={"role": "customer", "text": "a\u0000b"},
+        headers=h,
+    )
+    assert nul.status_code == 422 and "NUL" in nul.json()["detail"]
+
     malformed = client.post(
         f"/v1/conversations/{cid}/messages",
         content=b'{"role": "customer", "text": ',

@@ -55,3 +55,5 @@ def test_system_prompt_and_abstain_marker() -> None:
     assert parse_completion(f"  {ABSTAIN_MARKER} ") is None
     assert parse_completion("   ") is None
     assert parse_completion(" Sure, see you Monday! ") == "Sure, see you Monday!"
+    assert parse_completion("Sure\x00, see you\x00") == "Sure, see you"
+    assert parse_completion("\x00 \x00") is None
