@@ -863,4 +863,11 @@ def _safe_url(url: str) -> str:
 
 
 def main() -> None:
+    from services.openmp import relaunch_with_intel_openmp
+
+    try:
+        runtime = get_settings().openmp
+    except ValueError:  # a bad setting: the command reports it when it reads the settings
+        runtime = "bundled"
+    relaunch_with_intel_openmp(runtime)
     app()

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
         description="fast: workers/learning/engine.py (continuous batching, per-row LoRA arms, "
         "prefix reuse); transformers: generate() with peft, the reference it replaced.",
     )
+    openmp: Literal["intel", "bundled"] = Field(
+        default="intel",
+        description="The OpenMP runtime of processes the CLI starts (demo, serve, iterate): "
+        "intel re-executes them with Intel's libiomp5 preloaded where the intel-openmp wheel is "
+        "installed (torch's bundled libgomp slows torch on worker threads; services/openmp.py).",
+    )
     embedded_max_batch: int = Field(
         default=8, ge=1, description="Rows decoded together (fast) or requests per generate call."
     )

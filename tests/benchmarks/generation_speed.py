@@ -3,7 +3,7 @@ baseline: generate() with peft's mixed-adapter batches) against `fast` (workers/
 
     python -m tests.benchmarks.generation_speed [--concurrency 1,8,16,32]
         [--engines transformers,fast] [--max-new-tokens 40] [--temperature 0.8]
-        [--requests-per-lane 2] [--output FILE.json]
+        [--requests-per-lane 2] [--openmp intel|bundled] [--output FILE.json]
 
 The default model (SmolLM2-135M-Instruct, float32, CPU) serving a LoRA arm (rank 16 on q/k/v/o,
 non-zero), sampled at T = 0.8, top_p 0.95, as the API samples. Prompts are the API's own, built
@@ -11,6 +11,11 @@ by its prompt builder: one business's system prompt and a customer's message (~1
 different message per request. At each concurrency c, c client threads each send
 `requests-per-lane` requests back to back; throughput is generated tokens / wall seconds. Prints
 one row per engine and concurrency, and the fast / baseline ratio at each concurrency.
+
+The OpenMP runtime is part of the setup: `--openmp intel` (the default, as the CLI runs) re-executes
+the benchmark with Intel's libiomp5 preloaded; `--openmp bundled` keeps torch's libgomp, under which
+torch on a worker thread (both engines decode on one) is slower on few cores (services/openmp.py).
+Each row says which runtime it ran under; compare runtimes by running the benchmark twice.
 
 The fast engine reuses the KV of a prompt's seen prefix (here the system prompt): that is part of
 what is measured, as in production, and the row says how many prompt tokens it reused.
@@ -26,13 +31,14 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.generation.base import AdapterRef, GenerationRequest, SamplingParams
-from services.generation.embedded import EmbeddedBackend
+from services.openmp import active_runtime, relaunch_with_intel_openmp
 from services.policies.prompt import Turn, build_prompt, system_prompt
-from tests.real_model import prepared_smollm2
-from workers.learning.adapters import LoraSpec, create_zero_adapter, perturb_adapter
+
+if TYPE_CHECKING:
+    from services.generation.embedded import EmbeddedBackend
 
 MESSAGES = [
     "Hi, do you renovate kitchens? Mine is about 12 square meters and quite old.",
@@ -90,8 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--requests-per-lane", type=int, default=2)
+    parser.add_argument(
+        "--openmp",
+        choices=["intel", "bundled"],
+        default="intel",
+        help="the OpenMP runtime, as OUTCOMELOOP_OPENMP (services/openmp.py); intel re-executes",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
+    relaunch_with_intel_openmp(args.openmp)  # before torch loads
+    from services.generation.embedded import EmbeddedBackend
+    from tests.real_model import prepared_smollm2
+    from workers.learning.adapters import LoraSpec, create_zero_adapter, perturb_adapter
+
     levels = [int(c) for c in args.concurrency.split(",")]
     engines = args.engines.split(",")
     model = prepared_smollm2()
@@ -133,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     "concurrency": concurrency,
                     **measure(backend, prompts, arm, sampling, concurrency, args.requests_per_lane),
                     "prompt_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens), 1),
+                    "openmp": active_runtime(),
                 }
                 if backend.engine is not None:
                     row["reused_prompt_tokens"] = backend.engine.stats.reused_tokens - before
@@ -147,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         if "transformers" in values and "fast" in values:
             ratio = f"  {values['fast'] / values['transformers']:.2f}x"
         print(f"{concurrency:>11} " + " ".join(f"{values.get(e, 0):>18}" for e in engines) + ratio)
-    print(f"({os.cpu_count()} CPUs; torch threads {__import__('torch').get_num_threads()})")
+    torch_threads = __import__("torch").get_num_threads()
+    print(f"({os.cpu_count()} CPUs; torch threads {torch_threads}; OpenMP {active_runtime()})")
     if args.output:
         args.output.write_text(json.dumps(rows, indent=2))
     return 0
