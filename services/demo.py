@@ -13,6 +13,7 @@ served in this process on SQLite with the default model on CPU:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -32,14 +33,19 @@ import uvicorn
 from services.app import create_app
 from services.db import make_engine, make_session_factory, session_scope
 from services.experiments import repository as experiments_repository
-from services.experiments.report import ArmResult, experiment_results
+from services.experiments.report import ArmResult, experiment_results, sample_size_per_arm
 from services.experiments.service import ArmSpec, create_experiment, stop_experiment
+from services.generation.base import AdapterRef, GenerationBackend, SamplingParams
+from services.generation.factory import build_backend
 from services.iterations import service as iterations
 from services.iterations.models import Step
 from services.iterations.schemas import parse_iteration_request
 from services.migrate import upgrade
+from services.policies import repository as policies_repository
 from services.policies.bootstrap import PI0_ID, prepare
+from services.policies.prompt import system_prompt
 from services.settings import Settings
+from services.simulator.paired import PairedComparison, ServedPolicy, compare_paired
 from services.simulator.runner import ConversationRecord, run_conversations, simulate_offline
 from services.simulator.scenarios import SCENARIOS, Scenario
 from services.tenants.models import Role
@@ -78,7 +84,37 @@ class DemoConfig:
             "beta": 0.05,
         }
     )
+    # The same simulated customers under pi_i and pi_{i+1} after each A/B (simulator only;
+    # services/simulator/paired.py). 0: none.
+    paired_customers: int = 32
+    # When set, each A/B phase is sized by a power calculation to detect this lift over the
+    # rate pi_0 achieved in the first phase (two-sided 5%, power 80%); else `conversations`.
+    target_lift: float | None = None
     quick: bool = False
+
+    @classmethod
+    def full_config(cls, seed: int = 0, scenario: str = "renovation") -> DemoConfig:
+        """Sizes that can show a lift: 96 conversations of pi_0 to learn from, PPO on 384
+        samples, each A/B sized by power for +10 points over pi_0's rate (about 290 per arm
+        at 20%), and 200 paired simulated customers. Its wall time is stated when the A/B's
+        size is known (README, "The demo at full size")."""
+        return cls(
+            conversations=96,
+            iterations=1,
+            seed=seed,
+            scenario=scenario,
+            ppo={
+                "num_updates": 24,
+                "batch_size": 16,
+                "minibatch_size": 8,
+                "n_ppo_epochs": 2,
+                "max_new_tokens": 40,
+                "learning_rate": 1e-4,
+                "beta": 0.05,
+            },
+            paired_customers=200,
+            target_lift=0.10,
+        )
 
     @classmethod
     def quick_config(cls, seed: int = 0, scenario: str = "renovation") -> DemoConfig:
@@ -91,6 +127,7 @@ class DemoConfig:
             concurrency=6,
             batch_size=6,
             max_new_tokens=16,
+            paired_customers=4,
             ppo={
                 "num_updates": 1,
                 "batch_size": 2,
@@ -225,6 +262,7 @@ class DemoResult:
     seconds: float
     store: str
     notes: list[str]
+    paired: list[PairedComparison] = field(default_factory=list)
 
 
 def business_prompt(scenario: Scenario) -> str:
@@ -236,14 +274,13 @@ def business_prompt(scenario: Scenario) -> str:
 
 
 @contextmanager
-def serve_in_thread(settings: Settings) -> Iterator[str]:
+def serve_in_thread(settings: Settings, backend: GenerationBackend | None = None) -> Iterator[str]:
     """Run the real API under uvicorn in a background thread; yield its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
+    app = create_app(settings, backend=backend)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 300
@@ -339,14 +376,22 @@ def run_demo(
     }
     phases: list[Phase] = []
     summaries: list[IterationSummary] = []
+    paired: list[PairedComparison] = []
     notes: list[str] = []
     parent = PI0_ID
-    with serve_in_thread(demo_settings) as base_url:
+    # One backend for the API and the paired comparison (one model in memory, one engine).
+    backend = build_backend(demo_settings)
+    with serve_in_thread(demo_settings, backend) as base_url:
         phases.append(
             _phase(
                 base_url, key, scenario, config, factory, experiment_id, "pi0", 0, status, progress
             )
         )
+        ab_size = config.conversations
+        if config.target_lift is not None:
+            ab_size, note = _powered_size(config, phases[0])
+            notes.append(note)
+            status(note)
         for number in range(1, config.iterations + 1):
             summary = _iterate(
                 demo_settings, factory, config, parent, number, status, progress, notes
@@ -367,7 +412,7 @@ def run_demo(
                     base_url,
                     key,
                     scenario,
-                    config,
+                    dataclasses.replace(config, conversations=ab_size),
                     factory,
                     experiment_id,
                     f"A/B {parent} vs {summary.candidate}",
@@ -376,7 +421,15 @@ def run_demo(
                     progress,
                 )
             )
+            if config.paired_customers:
+                paired.append(
+                    _paired(
+                        backend, demo_settings, factory, config, parent, summary.candidate, number
+                    )
+                )
+                status(f"paired (simulator only): {paired[-1].seconds:.0f}s")
             parent = summary.candidate
+    backend.close()
     return DemoResult(
         config=config,
         scenario=scenario,
@@ -386,6 +439,62 @@ def run_demo(
         seconds=time.monotonic() - started,
         store=demo_settings.sqlalchemy_url,
         notes=notes,
+        paired=paired,
+    )
+
+
+def _powered_size(config: DemoConfig, first: Phase) -> tuple[int, str]:
+    """The A/B's conversations for `config.target_lift` over the rate pi_0 reached in the first
+    phase (clipped to 5%..60%, where a lift of 10 points stays meaningful), and a note with
+    the expected wall time at the first phase's pace."""
+    assert config.target_lift is not None
+    arm = first.arms[0]
+    base = min(max(arm.outcome_rate, 0.05), 0.6)
+    per_arm = sample_size_per_arm(base, config.target_lift)
+    total = 2 * per_arm
+    pace = first.seconds / max(config.conversations, 1)
+    return total, (
+        f"A/B sized by power: {per_arm} conversations per arm to detect {base:.0%} -> "
+        f"{base + config.target_lift:.0%} (two-sided 5%, power 80%; pi_0 reached "
+        f"{arm.outcome_rate:.0%} of {arm.ended}); {total} conversations, expected "
+        f"{total * pace / 60:.0f} min at the first phase's pace"
+    )
+
+
+def _paired(
+    backend: GenerationBackend,
+    settings: Settings,
+    factory: Any,
+    config: DemoConfig,
+    first: str,
+    second: str,
+    number: int,
+) -> PairedComparison:
+    """pi_i and pi_{i+1} on the same simulated customers, served as the API serves them."""
+    scenario = SCENARIOS[config.scenario]
+    sampling = SamplingParams(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+    )
+    system = system_prompt(
+        business_name="Demo business",
+        business_prompt=business_prompt(scenario),
+        persona_instruction=None,
+    )
+    policies = []
+    with session_scope(factory) as session:
+        for policy_id in (first, second):
+            policy = policies_repository.get_policy(session, policy_id=policy_id)
+            assert policy is not None
+            adapter = AdapterRef(policy.id, policy.adapter_uri)
+            policies.append((policy_id, ServedPolicy(backend, adapter, system, sampling)))
+    return compare_paired(
+        scenario,
+        (policies[0], policies[1]),
+        n=config.paired_customers,
+        seed=config.seed + 104729 * number,  # customers no traffic phase met
+        concurrency=config.concurrency,
     )
 
 

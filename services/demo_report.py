@@ -16,6 +16,7 @@ from services.experiments.report import (
     difference_interval,
     minimum_detectable_effect,
 )
+from services.simulator.paired import PairedComparison
 
 
 def two_proportion_p_value(a: ArmResult, b: ArmResult) -> float | None:
@@ -199,6 +200,25 @@ def evidence_lines(result: DemoResult) -> list[str]:
     return lines
 
 
+def paired_line(pc: PairedComparison) -> str:
+    """One paired comparison, labelled as the simulator-only evaluation it is."""
+    first, second = pc.rate("first"), pc.rate("second")
+    both, only_first, only_second, neither = pc.cells
+    low, high = pc.interval
+    errors = sum(pc.backend_errors.values())
+    return (
+        f"simulator only, the same {pc.n} simulated customers under both policies (paired): "
+        f"{short(pc.first)} {first[0]:.0%} ({first[1] * 100:.0f}-{first[2] * 100:.0f}), "
+        f"{short(pc.second)} {second[0]:.0%} ({second[1] * 100:.0f}-{second[2] * 100:.0f}); "
+        f"difference {_pp(pc.difference)} (95% CI {_pp(low)} to {_pp(high)}), exact McNemar "
+        f"p = {pc.p_value:.2f} ({only_second} customers converted only under "
+        f"{short(pc.second)}, {only_first} only under {short(pc.first)}, {both} under both, "
+        f"{neither} under neither)"
+        + (f"; {errors} suggestions failed and counted as abstentions" if errors else "")
+        + f"; {pc.seconds:.0f}s. Real customers cannot be replayed: only the A/B measures"
+    )
+
+
 def print_report(result: DemoResult, console: Console) -> None:
     # Sized for 80 columns: short phase and policy names, two-letter usage columns.
     table = Table(
@@ -259,6 +279,8 @@ def print_report(result: DemoResult, console: Console) -> None:
         console.print(line)
     for phase in result.phases[1:]:
         console.print(f"[bold]{phase.name}[/]: {verdict(phase)}; {score_difference(phase)}")
+    for pc in result.paired:
+        console.print(paired_line(pc))
     for note in result.notes:
         console.print(f"note: {note}")
     console.print(f"wall time {result.seconds / 60:.1f} min; store {result.store}")
@@ -418,6 +440,7 @@ def render_html(result: DemoResult) -> str:
         f"{html.escape(verdict(p))}; {html.escape(score_difference(p))}</li>"
         for p in result.phases[1:]
     )
+    verdicts += "".join(f"<li>{html.escape(paired_line(pc))}</li>" for pc in result.paired)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
     evidence = "".join(f"<li>{html.escape(line)}</li>" for line in evidence_lines(result))
     reference = "".join(

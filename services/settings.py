@@ -55,7 +55,9 @@ class Settings(BaseSettings):
         default="embedded", description="embedded: in-process transformers; vllm: HTTP server."
     )
     vllm_url: str = Field(
-        default="http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI server."
+        default="http://127.0.0.1:8001",
+        description="Base URL of the vLLM OpenAI server; several replicas: URLs separated by "
+        "commas (every adapter is loaded on each, requests go to the least busy one that is up).",
     )
     vllm_api_key: str | None = Field(default=None, description="Bearer key for vLLM, if any.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")

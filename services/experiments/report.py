@@ -68,6 +68,46 @@ def minimum_detectable_effect(
     return high
 
 
+def sample_size_per_arm(
+    base_rate: float, lift: float, alpha: float = 0.05, power: float = 0.8
+) -> int:
+    """Conversations per arm for a two-sided z-test at alpha to detect base_rate -> base_rate
+    + lift with the given power (unpooled normal approximation, the one
+    `minimum_detectable_effect` inverts)."""
+    treated = base_rate + lift
+    if not 0 < base_rate < 1 or not 0 < treated < 1 or lift == 0:
+        raise ValueError("base_rate and base_rate + lift must lie in (0, 1), lift non-zero")
+    normal = NormalDist()
+    z = normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(power)
+    variance = base_rate * (1 - base_rate) + treated * (1 - treated)
+    return math.ceil(z * z * variance / (lift * lift))
+
+
+def mcnemar_exact_p(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar test: under no difference each discordant pair (an outcome under
+    one policy only) is the second's with probability 1/2; twice the smaller binomial tail,
+    capped at 1."""
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    k = min(only_first, only_second)
+    tail: float = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_difference_interval(
+    both: int, only_first: int, only_second: int, neither: int, z: float = 1.959964
+) -> tuple[float, float]:
+    """95% interval of rate(second) - rate(first) over the same units (paired binary outcomes):
+    the Wald interval after adding 1/2 to each of the four cells (Agresti & Min 2005), which
+    keeps its coverage near nominal at small n and with no discordant pairs."""
+    n = both + only_first + only_second + neither + 2
+    b, c = only_first + 0.5, only_second + 0.5
+    difference = (c - b) / n
+    se = math.sqrt(((b + c) - (c - b) ** 2 / n) / (n * n))
+    return max(-1.0, difference - z * se), min(1.0, difference + z * se)
+
+
 @dataclass
 class ArmResult:
     arm: str

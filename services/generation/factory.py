@@ -16,7 +16,7 @@ def build_backend(settings: Settings) -> GenerationBackend:
         from services.generation.vllm import VllmBackend
 
         return VllmBackend(
-            settings.vllm_url,
+            settings.vllm_url,  # one URL, or several replicas separated by commas
             api_key=settings.vllm_api_key,
             max_context_tokens=settings.max_context_tokens,
         )

@@ -338,11 +338,24 @@ def run_conversations(
     return _report(scenario, seed, records)
 
 
-def simulate_offline(scenario: Scenario, n: int, seed: int, policy: Policy) -> SimulationReport:
+def simulate_offline(
+    scenario: Scenario, n: int, seed: int, policy: Policy, *, concurrency: int = 1
+) -> SimulationReport:
     """Play `n` conversations without HTTP; `policy` maps the conversation so far
-    ([(role, text), ...]) to a suggestion, or None to abstain."""
-    records = [
-        _play(_OfflineChannel(policy, f"offline-{seed}-{index}"), scenario, seed=seed, index=index)
-        for index in range(n)
-    ]
+    ([(role, text), ...]) to a suggestion, or None to abstain. With concurrency > 1 that many
+    conversations are played at once (a policy that batches, such as a served model, is then
+    busy); each conversation's RNGs are its own, so the records are the same either way for a
+    deterministic policy, in index order."""
+
+    def play(index: int) -> ConversationRecord:
+        channel = _OfflineChannel(policy, f"offline-{seed}-{index}")
+        return _play(channel, scenario, seed=seed, index=index)
+
+    if concurrency <= 1:
+        records = [play(index) for index in range(n)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(concurrency, max(n, 1))) as pool:
+            records = list(pool.map(play, range(n)))
     return _report(scenario, seed, records)

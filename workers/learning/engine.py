@@ -691,6 +691,7 @@ class DecodeEngine:
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._waiting: list[_Request] = []
         self._rows: list[_Row] = []
+        self._admitted: list[_Request] = []  # taken from _waiting by the step now running
         self._lock = threading.Lock()  # arms and the model, against the worker
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
@@ -866,10 +867,10 @@ class DecodeEngine:
         for request in {id(r.request): r.request for r in self._rows}.values():
             if not request.future.done():
                 request.future.set_exception(exc)
-        for request in self._waiting:
+        for request in [*self._admitted, *self._waiting]:
             if not request.future.done():
                 request.future.set_exception(exc)
-        self._rows, self._waiting = [], []
+        self._rows, self._waiting, self._admitted = [], [], []
 
     def _expired(self, request: _Request, now: float) -> bool:
         if request.deadline is not None and now > request.deadline:
@@ -907,6 +908,7 @@ class DecodeEngine:
             rows += request.params.n
             budget -= len(request.prompt) - reused
         self._waiting = still
+        self._admitted = [request for request, _, _ in admitted]
         return admitted
 
     def _step(self) -> None:
