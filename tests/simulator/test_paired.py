@@ -48,7 +48,7 @@ def test_a_better_policy_wins_on_the_same_customers() -> None:
     pc = compare_paired(
         RENOVATION, (("bad", bad_policy), ("good", good_policy(RENOVATION))), n=80, seed=1
     )
-    low, high = pc.interval
+    low, _ = pc.interval
     assert pc.difference > 0.15 and low > 0 and pc.p_value < 0.01, pc.cells
     assert pc.rate("second")[0] - pc.rate("first")[0] == pytest.approx(pc.difference)
 
