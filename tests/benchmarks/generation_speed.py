@@ -3,7 +3,8 @@ baseline: generate() with peft's mixed-adapter batches) against `fast` (workers/
 
     python -m tests.benchmarks.generation_speed [--concurrency 1,8,16,32]
         [--engines transformers,fast] [--max-new-tokens 40] [--temperature 0.8]
-        [--requests-per-lane 2] [--openmp intel|bundled] [--output FILE.json]
+        [--requests-per-lane 2] [--openmp intel|bundled]
+        [--baseline-openmp bundled|same] [--output FILE.json]
 
 The default model (SmolLM2-135M-Instruct, float32, CPU) serving a LoRA arm (rank 16 on q/k/v/o,
 non-zero), sampled at T = 0.8, top_p 0.95, as the API samples. Prompts are the API's own, built
@@ -15,7 +16,9 @@ one row per engine and concurrency, and the fast / baseline ratio at each concur
 The OpenMP runtime is part of the setup: `--openmp intel` (the default, as the CLI runs) re-executes
 the benchmark with Intel's libiomp5 preloaded; `--openmp bundled` keeps torch's libgomp, under which
 torch on a worker thread (both engines decode on one) is slower on few cores (services/openmp.py).
-Each row says which runtime it ran under; compare runtimes by running the benchmark twice.
+Each row says which runtime it ran under. By default the transformers baseline runs as every
+process ran before services/openmp.py, under libgomp, in a child process of the same run
+(`--baseline-openmp same` keeps it in this process, under this process's runtime).
 
 The fast engine reuses the KV of a prompt's seen prefix (here the system prompt): that is part of
 what is measured, as in production, and the row says how many prompt tokens it reused.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,6 +93,31 @@ def measure(
     }
 
 
+def baseline_in_child(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The transformers engine measured by this script in a child process under torch's
+    bundled libgomp (the runtime of every process before services/openmp.py)."""
+    with tempfile.TemporaryDirectory(prefix="genspeed-base-") as tmp:
+        out = Path(tmp) / "rows.json"
+        command = [
+            sys.executable,
+            "-m",
+            "tests.benchmarks.generation_speed",
+            "--engines=transformers",
+            "--openmp=bundled",
+            f"--concurrency={args.concurrency}",
+            f"--max-new-tokens={args.max_new_tokens}",
+            f"--temperature={args.temperature}",
+            f"--requests-per-lane={args.requests_per_lane}",
+            f"--output={out}",
+        ]
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "KMP_BLOCKTIME")}
+        subprocess.run(command, check=True, env=env, stdout=sys.stderr)
+        rows: list[dict[str, Any]] = json.loads(out.read_text())
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,8,16,32")
@@ -102,20 +131,34 @@ def main(argv: list[str] | None = None) -> int:
         default="intel",
         help="the OpenMP runtime, as OUTCOMELOOP_OPENMP (services/openmp.py); intel re-executes",
     )
+    parser.add_argument(
+        "--baseline-openmp",
+        choices=["same", "bundled"],
+        default="bundled",
+        help="bundled: the transformers baseline runs as deployed before services/openmp.py, "
+        "under libgomp, in a child process of this run; same: in this process",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     relaunch_with_intel_openmp(args.openmp)  # before torch loads
+    engines = args.engines.split(",")
+    rows: list[dict[str, Any]] = []
+    if (
+        "transformers" in engines
+        and args.baseline_openmp == "bundled"
+        and active_runtime() != "bundled"
+    ):
+        engines.remove("transformers")
+        rows.extend(baseline_in_child(args))
     from services.generation.embedded import EmbeddedBackend
     from tests.real_model import prepared_smollm2
     from workers.learning.adapters import LoraSpec, create_zero_adapter, perturb_adapter
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    engines = args.engines.split(",")
     model = prepared_smollm2()
     sampling = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=0.95
     )
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="genspeed-") as tmp:
         zero = create_zero_adapter(model, Path(tmp) / "zero", LoraSpec())
         arm = AdapterRef("arm", str(perturb_adapter(zero, Path(tmp) / "arm", scale=0.05, seed=0)))
@@ -158,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
             backend.close()
     print()
+    engines = sorted({r["engine"] for r in rows}, key=["transformers", "fast"].index)
     print(f"{'concurrency':>11} " + " ".join(f"{e + ' tok/s':>18}" for e in engines) + "  ratio")
     for concurrency in levels:
         values = {r["engine"]: r["tok_s"] for r in rows if r["concurrency"] == concurrency}
@@ -166,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = f"  {values['fast'] / values['transformers']:.2f}x"
         print(f"{concurrency:>11} " + " ".join(f"{values.get(e, 0):>18}" for e in engines) + ratio)
     torch_threads = __import__("torch").get_num_threads()
-    print(f"({os.cpu_count()} CPUs; torch threads {torch_threads}; OpenMP {active_runtime()})")
+    runtimes = ", ".join(sorted({f"{r['engine']} {r['openmp']}" for r in rows}))
+    print(f"({os.cpu_count()} CPUs; torch threads {torch_threads}; OpenMP: {runtimes})")
     if args.output:
         args.output.write_text(json.dumps(rows, indent=2))
     return 0
