@@ -20,5 +20,8 @@ CMD ["outcomeloop", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers",
 FROM base AS worker
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --extra-index-url ${TORCH_INDEX} ".[ml]"
+# Intel's OpenMP for torch (services/openmp.py: libgomp slows torch on worker threads); the
+# `outcomeloop` CLI preloads it itself, a Celery worker is started with it.
+ENV LD_PRELOAD=/usr/local/lib/libiomp5.so KMP_BLOCKTIME=1
 USER outcomeloop
 CMD ["celery", "-A", "workers.celery_app", "worker", "-Q", "cpu", "--concurrency", "1"]

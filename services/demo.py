@@ -87,6 +87,7 @@ class DemoConfig:
     # The same simulated customers under pi_i and pi_{i+1} after each A/B (simulator only;
     # services/simulator/paired.py). 0: none.
     paired_customers: int = 32
+    max_prompts: int = 64  # PPO's prompts: states of the logged decisions
     # When set, each A/B phase is sized by a power calculation to detect this lift over the
     # rate pi_0 achieved in the first phase (two-sided 5%, power 80%); else `conversations`.
     target_lift: float | None = None
@@ -109,10 +110,13 @@ class DemoConfig:
                 "minibatch_size": 8,
                 "n_ppo_epochs": 2,
                 "max_new_tokens": 40,
-                "learning_rate": 1e-4,
+                # the budget and rate at which PPO moved the policy where a good reward
+                # pointed (README, "What one iteration achieves at demo scale")
+                "learning_rate": 2e-4,
                 "beta": 0.05,
             },
             paired_customers=200,
+            max_prompts=256,
             target_lift=0.10,
         )
 
@@ -561,7 +565,7 @@ def _iterate(
             },
             "data": {
                 "business_id": BUSINESS,
-                "max_prompts": 64,
+                "max_prompts": config.max_prompts,
                 "eval_fraction": 0.25,
                 # 2 x 2 replies per held-out decision: about 2.5 minutes of CPU generation.
                 "check_samples": 2,

@@ -38,6 +38,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path: Path) -> No
     assert "Q held-out AUC" in out and "A/B pi0 vs it-" in out
     assert "sim. score" in out and "PPO: Q of samples" in out
     assert " pp (95% CI " in out, "the iteration line compares its own A/B's arms in points"
+    assert "simulator only, the same 4 simulated customers under both policies" in out
     page = report.read_text()
     assert page.startswith("<!doctype html>") and page.count("<svg") == 2
     assert "Verdict" in page and "http" not in page.split("<body>")[1].replace(
