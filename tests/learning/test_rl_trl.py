@@ -172,3 +172,65 @@ def test_trl_samples_and_scores_one_distribution(
         )
     sampler = sampled_logprobs(torch.stack(out.scores, dim=1), completions)
     assert torch.allclose(sampler[mask], scored[mask], atol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_trl_samples_from_the_serving_engine_and_checks_its_sync(
+    algorithm: Algorithm,
+    tiny_model: Path,
+    tiny_adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With rollout_engine="fast" every reply TRL trains on comes from the engine; the probe
+    check passes while the engine is synced after each step, and a sync that silently does
+    nothing stops training with LogprobMismatch."""
+    from workers.learning import ppo
+    from workers.learning.engine import DecodeEngine
+    from workers.learning.ppo import LogprobMismatch
+
+    submitted: list[int] = []
+    real_submit = DecodeEngine.submit
+
+    def counting_submit(self: DecodeEngine, *args: Any, **kwargs: Any) -> Any:
+        submitted.append(1)
+        return real_submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeEngine, "submit", counting_submit)
+
+    def letters(states: Sequence[list[ChatMessage]], replies: Sequence[str]) -> list[float]:
+        return [sum(c.isalpha() for c in reply) / max(len(reply), 1) for reply in replies]
+
+    config = CONFIGS[algorithm](
+        num_steps=3,
+        prompts_per_step=2,
+        num_generations=2,
+        learning_rate=3e-2,
+        beta=0.0,
+        max_new_tokens=8,
+        device="cpu",
+    )
+    assert config.rollout_engine == "fast"
+    result = improve_policy(
+        algorithm=algorithm,
+        base_model=tiny_model,
+        parent_adapter=tiny_adapters["noisy"],
+        prompts=TRAIN_PROMPTS,
+        reward_fn=letters,
+        config=config,
+        output_dir=tmp_path / "pi1",
+    )
+    assert len(submitted) == 3 * 2 * 2  # every completion of every step
+    assert result.metrics["served_logprob_gap"] < 1e-3
+
+    monkeypatch.setattr(ppo, "sync_policy", lambda engine, model: None)
+    with pytest.raises(LogprobMismatch, match="not sampling the policy being trained"):
+        improve_policy(
+            algorithm=algorithm,
+            base_model=tiny_model,
+            parent_adapter=tiny_adapters["noisy"],
+            prompts=TRAIN_PROMPTS,
+            reward_fn=letters,
+            config=config,
+            output_dir=tmp_path / "stale",
+        )

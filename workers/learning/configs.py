@@ -313,7 +313,29 @@ class _PolicyImprovementConfig:
         default="auto", metadata={"help": "'auto' (CUDA when present, else CPU), 'cpu', 'cuda'."}
     )
 
+    rollout_engine: str = field(
+        default="fast",
+        metadata={
+            "help": "'fast': rollouts from the serving engine (workers/learning/engine.py), with "
+            "the policy's adapter synced after every update and its log-probs checked against "
+            "the trainer's on a probe set; 'transformers': generate() (PPO adds a scoring pass)."
+        },
+    )
+    logprob_tolerance: float = field(
+        default=0.05,
+        metadata={
+            "help": "Largest difference of a probe reply's summed log-prob, served engine vs "
+            "trainer, before training stops with an error (a silent LoRA-sync bug shows here)."
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.rollout_engine not in ("fast", "transformers"):
+            raise ValueError(
+                f"rollout_engine must be 'fast' or 'transformers', not {self.rollout_engine!r}"
+            )
+        if self.logprob_tolerance <= 0:
+            raise ValueError(f"logprob_tolerance must be positive, not {self.logprob_tolerance}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', not {self.device!r}")
         for name in ("learning_rate", "max_new_tokens", "temperature", "max_grad_norm"):
@@ -386,21 +408,6 @@ class PPOConfig(_PolicyImprovementConfig):
             "policy and the updated one exceeds this (None = never)."
         },
     )
-    rollout_engine: str = field(
-        default="fast",
-        metadata={
-            "help": "'fast': rollouts from the serving engine (workers/learning/engine.py), with "
-            "the policy's adapter synced after every update and its log-probs checked against "
-            "the trainer's on a probe set; 'transformers': generate() and a scoring pass."
-        },
-    )
-    logprob_tolerance: float = field(
-        default=0.05,
-        metadata={
-            "help": "Largest difference of a probe reply's summed log-prob, served engine vs "
-            "trainer, before PPO stops with an error (a silent LoRA-sync bug would show here)."
-        },
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -428,12 +435,6 @@ class PPOConfig(_PolicyImprovementConfig):
             raise ValueError(f"score_clip must be positive or None, not {self.score_clip}")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"target_kl must be positive or None, not {self.target_kl}")
-        if self.rollout_engine not in ("fast", "transformers"):
-            raise ValueError(
-                f"rollout_engine must be 'fast' or 'transformers', not {self.rollout_engine!r}"
-            )
-        if self.logprob_tolerance <= 0:
-            raise ValueError(f"logprob_tolerance must be positive, not {self.logprob_tolerance}")
 
 
 @dataclass(frozen=True)

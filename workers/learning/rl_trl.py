@@ -10,6 +10,14 @@ base, as in our PPO (see improve.py). No approximation is involved.
 How beta enters differs between the two, as in TRL: RLOO subtracts beta * sum_t (log pi -
 log pi_i) from each reply's reward (k1 estimator); GRPO adds beta * k3 per token to the loss.
 Neither has a value head: the other replies to the same prompt are the baseline.
+
+Rollouts come from the serving engine (`rollout_engine="fast"`, the default), as in our PPO:
+TRL's `_generate_single_turn` is overridden to submit each prompt to workers/learning/engine.py,
+whose "default" arm is synced from the trained adapter whenever TRL's step changed, and after
+each sync two fixed probe replies are scored by the engine and by the trainer's model: a
+difference above `logprob_tolerance` raises LogprobMismatch (a silent LoRA-sync bug would train
+on samples of another policy). TRL then scores the sampled tokens itself, as it does after
+generate(); with `rollout_engine="transformers"` TRL samples with generate().
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from workers.learning.chat import ChatMessage
 from workers.learning.configs import GRPOConfig, RLOOConfig
 from workers.learning.policy_model import (
     NEUTRAL_GENERATION,
+    POLICY_ADAPTER,
     ProgressFn,
     RewardFn,
     checked_rewards,
@@ -93,7 +102,11 @@ def train_trl(
                 "TRL did not add the frozen copy of the parent adapter: its KL would be to the "
                 "base model, not to pi_i (needs peft >= 0.20 and a PeftModel policy)"
             )
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            if isinstance(trainer, _EngineRollouts):
+                trainer.close_engine()
         save_policy(policy, output_dir)
 
     history = [
@@ -109,7 +122,111 @@ def train_trl(
         "q_mean_first": history[0]["q_mean"],
         "seconds": final.get("train_runtime", float("nan")),
     }
+    gaps = getattr(trainer, "served_logprob_gaps", None)
+    if gaps:
+        summary["served_logprob_gap"] = max(gaps)
     return summary, history
+
+
+class _EngineRollouts:
+    """What RLOO and GRPO share to sample from the serving engine (see the module's note).
+    Mixed in before the TRL trainer, whose attributes (model, state, accelerator) it reads."""
+
+    engine_config: RLOOConfig | GRPOConfig
+    _engine: Any = None
+    _engine_step: int = -1
+    _probe: list[tuple[list[int], list[int]]]
+    served_logprob_gaps: list[float]
+
+    def _engine_generate(self, prompt_ids: list[list[int]]) -> list[list[int]] | None:
+        """One reply per prompt from the engine's policy arm (None: sample with generate())."""
+        from workers.learning.engine import DecodeParams
+        from workers.learning.ppo import check_served_logprobs, peft_engine, sync_policy
+
+        config = self.engine_config
+        trainer: Any = self
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        if self._engine is None:
+            self._engine = peft_engine(
+                policy,
+                trainer.processing_class,
+                max_batch=max(len(prompt_ids), 2),
+                adapters=[POLICY_ADAPTER],
+            )
+            if self._engine is None:
+                return None
+            self._probe, self.served_logprob_gaps = [], []
+        elif trainer.state.global_step != self._engine_step:
+            sync_policy(self._engine, policy)
+        params = DecodeParams(
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+        )
+        futures = [self._engine.submit(ids, POLICY_ADAPTER, params) for ids in prompt_ids]
+        replies = [future.result()[0].tokens for future in futures]
+        if trainer.state.global_step != self._engine_step:
+            if not self._probe:  # fixed from the first rollout on
+                self._probe = [
+                    (list(p), list(r)) for p, r in zip(prompt_ids, replies, strict=True) if r
+                ][:2]
+            was_training = policy.training
+            policy.eval()
+            try:
+                gap = check_served_logprobs(
+                    self._engine,
+                    policy,
+                    self._probe,
+                    config.temperature,
+                    config.logprob_tolerance,
+                )
+            finally:
+                policy.train(was_training)
+            self.served_logprob_gaps.append(gap)
+            self._engine_step = trainer.state.global_step
+        return replies
+
+    def close_engine(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+def _engine_trainer(base: type, config: RLOOConfig | GRPOConfig) -> type:
+    """`base` (TRL's RLOOTrainer or GRPOTrainer) sampling from the serving engine."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    if issubclass(base, GRPOTrainer):
+
+        class EngineGRPOTrainer(_EngineRollouts, base):  # type: ignore[misc]
+            engine_config = config
+
+            def _generate_single_turn(  # type: ignore[no-untyped-def]
+                self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            ):
+                if images is None and not multimodal_fields:
+                    replies = self._engine_generate(prompt_ids)
+                    if replies is not None:
+                        return replies, None  # TRL rescored them, as after generate()
+                return super()._generate_single_turn(
+                    prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+                )
+
+        return EngineGRPOTrainer
+
+    class EngineRLOOTrainer(_EngineRollouts, base):  # type: ignore[misc]
+        engine_config = config
+
+        def _generate_single_turn(  # type: ignore[no-untyped-def]
+            self, prompt_ids, images, multimodal_fields
+        ):
+            if images is None and not multimodal_fields:
+                replies = self._engine_generate(prompt_ids)
+                if replies is not None:
+                    return replies
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+
+    return EngineRLOOTrainer
 
 
 def _make_trainer(
@@ -163,7 +280,8 @@ def _make_trainer(
         grpo_args = TRLGRPOConfig(
             **common, loss_type=config.loss_type, scale_rewards=config.scale_rewards
         )
-        return GRPOTrainer(
+        grpo = _engine_trainer(GRPOTrainer, config) if config.rollout_engine == "fast" else None
+        return (grpo or GRPOTrainer)(
             model=model,
             reward_funcs=reward,
             args=grpo_args,
@@ -174,7 +292,8 @@ def _make_trainer(
     from trl.trainer.rloo_trainer import RLOOTrainer
 
     rloo_args = TRLRLOOConfig(**common, normalize_advantages=config.normalize_advantages)
-    return RLOOTrainer(
+    rloo = _engine_trainer(RLOOTrainer, config) if config.rollout_engine == "fast" else None
+    return (rloo or RLOOTrainer)(
         model=model,
         reward_funcs=reward,
         args=rloo_args,
