@@ -2,7 +2,7 @@
 serving engine, in one run.
 
     python -m tests.benchmarks.ppo_speed [--updates 3] [--batch-size 8] [--epochs 2]
-        [--engines transformers,fast] [--output FILE.json]
+        [--engines transformers,fast] [--openmp intel|bundled] [--output FILE.json]
 
 The default model (SmolLM2-135M-Instruct, float32, CPU), pi_0's adapter as the parent, the
 demo's PPO settings (minibatch 4, 40 new tokens, lr 1e-4, beta 0.05) sampled as served (T 0.8,
@@ -22,12 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.simulator.scenarios import SCENARIOS
-from tests.benchmarks.ppo_diagnosis import oracle, states
-from tests.real_model import prepared_smollm2
-from workers.learning.adapters import LoraSpec, create_zero_adapter
-from workers.learning.configs import PPOConfig
-from workers.learning.ppo import train_ppo
+from services.openmp import active_runtime, relaunch_with_intel_openmp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--engines", default="transformers,fast")
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--openmp",
+        choices=["intel", "bundled"],
+        default="intel",
+        help="the OpenMP runtime (services/openmp.py); intel re-executes with libiomp5",
+    )
     args = parser.parse_args(argv)
+    relaunch_with_intel_openmp(args.openmp)  # before torch loads
+    from services.simulator.scenarios import SCENARIOS
+    from tests.benchmarks.ppo_diagnosis import oracle, states
+    from tests.real_model import prepared_smollm2
+    from workers.learning.adapters import LoraSpec, create_zero_adapter
+    from workers.learning.configs import PPOConfig
+    from workers.learning.ppo import train_ppo
+
     model = prepared_smollm2()
     scenario = SCENARIOS["renovation"]
     prompts = states(scenario, 12, seed=5)
@@ -88,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     (h.get("served_logprob_gap", 0.0) for h in history), default=0.0
                 ),
                 "wall_s": round(time.monotonic() - started, 1),
+                "openmp": active_runtime(),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
