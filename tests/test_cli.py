@@ -117,7 +117,21 @@ def test_q_fit_and_score_with_the_lexical_kind(embedded: Path) -> None:
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     runner = CliRunner()
     assert runner.invoke(app, ["import", str(data)]).exit_code == 0
-    fitted = runner.invoke(app, ["q", "fit", "--kind", "lexical", "--output", str(embedded / "q")])
+    # Half held out: with the default tenth (4 of 40 conversations, chosen by their random ids)
+    # one run in eight held out a single class and had no AUC (CI caught it).
+    fitted = runner.invoke(
+        app,
+        [
+            "q",
+            "fit",
+            "--kind",
+            "lexical",
+            "--eval-fraction",
+            "0.5",
+            "--output",
+            str(embedded / "q"),
+        ],
+    )
     assert fitted.exit_code == 0, fitted.output
     assert json.loads(fitted.stdout)["all"]["auc"] > 0.9
     state = [{"role": "customer", "text": "What does it cost?"}]

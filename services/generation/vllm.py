@@ -176,14 +176,21 @@ class VllmBackend:
         return response
 
     def _on_any(self, call: Any) -> Any:
-        """Run call(replica) on a replica, moving to the next when one is down."""
-        tried: set[str] = set()
+        """Run call(replica) on a replica, moving to the next when one is down; when none is
+        left, BackendUnavailable naming what each tried replica answered."""
+        tried: dict[str, str] = {}
         while True:
-            replica = self._pick(tried)
+            try:
+                replica = self._pick(set(tried))
+            except BackendUnavailable:
+                if not tried:
+                    raise
+                reasons = "; ".join(tried.values())
+                raise BackendUnavailable(f"no vLLM replica can serve: {reasons}") from None
             try:
                 return call(replica)
-            except ReplicaDown:
-                tried.add(replica.url)
+            except ReplicaDown as exc:
+                tried[replica.url] = str(exc)
             finally:
                 self._release(replica)
 
