@@ -216,6 +216,46 @@ def test_reused_prefix_changes_nothing_and_saves_prefill(
     assert results[4096, "reused"] == expected
 
 
+@pytest.mark.parametrize("defer_tokens", [4, 10_000])
+def test_requests_arriving_together_prefill_a_shared_prompt_once(
+    defer_tokens: int,
+    tiny_model: Path,
+    arms: dict[str, Path],
+    tokenizer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests admitted in one step that share a prompt prefix: with deferral the later ones
+    wait a step and reuse it, so the prefill is what one-by-one arrival costs; without it
+    (10 000) the shared part is prefilled more than once. Same greedy text either way."""
+    monkeypatch.setattr(engine_module, "DEFER_TOKENS", defer_tokens)
+    greedy = DecodeParams(max_new_tokens=6, temperature=0)
+    prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS * 2]
+    alone = make_engine(tiny_model, {"attn": arms["attn"]}, max_batch=16)
+    try:
+        expected_text = [alone.generate(ids, "attn", greedy)[0].tokens for ids in prompts]
+        one_by_one = alone.stats.prefill_tokens
+    finally:
+        alone.close()
+    built = make_engine(tiny_model, {"attn": arms["attn"]}, max_batch=16)
+    try:
+        with built._lock:  # the worker takes what is queued, then waits here: they arrive together
+            other = built.submit([5, 6, 7], "attn", greedy)
+            futures = [built.submit(ids, "attn", greedy) for ids in prompts]
+        other.result(timeout=60)
+        assert [f.result(timeout=60)[0].tokens for f in futures] == expected_text
+        together = built.stats.prefill_tokens - 3
+    finally:
+        built.close()
+    shared = 0
+    while all(ids[shared] == prompts[0][shared] for ids in prompts):
+        shared += 1
+    assert shared > 10
+    if defer_tokens < shared:
+        assert together == one_by_one
+    else:
+        assert together >= one_by_one + shared
+
+
 def test_seeds_reproduce_and_replacing_an_arm_takes_effect(
     engine: DecodeEngine, arms: dict[str, Path], tokenizer: Any
 ) -> None:

@@ -25,6 +25,7 @@ from workers.learning.ppo import (
     REFERENCE_ADAPTER,
     LogprobMismatch,
     ValueHead,
+    check_rollout_logprobs,
     check_served_logprobs,
     compute_gae,
     entropy_of,
@@ -33,10 +34,12 @@ from workers.learning.ppo import (
     masked_var,
     masked_whiten,
     nucleus_mask,
+    pack_rows,
     policy_loss,
     reply_forward,
     reply_token_mask,
     rollout_engine,
+    rollout_rows,
     sample_from_engine,
     sample_replies,
     score_rollout,
@@ -477,11 +480,11 @@ def test_the_kl_reference_is_the_parent_policy_not_the_base(
     rollout = sample_replies(
         model, tokenizer, TRAIN_PROMPTS[:8], max_new_tokens=8, temperature=1.0, top_p=1.0
     )
-    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_length, 1.0)
+    packed = pack_rows(rollout_rows(rollout, range(8)), rollout.reply_mask.shape[1])
     with torch.no_grad():
-        parent_logprobs, _, _ = reply_forward(model, *args)
+        parent_logprobs, _, _ = reply_forward(model, packed, 1.0)
         with model.disable_adapter():
-            base_logprobs, _, _ = reply_forward(model, *args)
+            base_logprobs, _, _ = reply_forward(model, packed, 1.0)
     gap = masked_mean((parent_logprobs - base_logprobs).abs(), rollout.reply_mask).item()
     assert gap > 0.1
 
@@ -651,38 +654,83 @@ def test_rollout_mask_and_reward_placement_at_the_end_token_and_at_the_cut(
     assert torch.equal(reply_attention, rollout.reply_mask.long())
 
 
+def test_pack_rows_by_hand() -> None:
+    # Two rows share the prompt's first two tokens; the second repeats the first's prompt.
+    packed = pack_rows([([1, 2, 3], [4, 5]), ([1, 2, 6], [7]), ([1, 2, 3], [8, 9, 10])], width=4)
+    # Each distinct prefix once, a reply's last token left out (it predicts nothing).
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 6, 8, 9]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4]]
+    assert packed.before.tolist() == [[2, 3, 0, 0], [4, 0, 0, 0], [2, 5, 6, 0]]
+    assert packed.targets.tolist() == [[4, 5, 0, 0], [7, 0, 0, 0], [8, 9, 10, 0]]
+    assert packed.mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]
+    assert packed.keep.tolist() == [2, 3, 4, 5, 6]
+    assert packed.keep[packed.keep_index][packed.mask.bool()].tolist() == [2, 3, 4, 2, 5, 6]
+    sees = packed.attention_mask[0, 0] == 0
+    expected = {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 4], 5: [0, 1, 2, 5]}
+    expected[6] = [0, 1, 2, 5, 6]
+    for token, ancestors in expected.items():
+        assert torch.nonzero(sees[token]).flatten().tolist() == ancestors, token
+
+
 @pytest.mark.usefixtures("one_thread")
-def test_a_row_scores_the_same_inside_a_left_padded_batch_as_alone(
+def test_packed_rows_score_and_back_propagate_as_each_row_alone(
     tiny_model: Path, tiny_adapters: dict[str, Path]
 ) -> None:
+    """Log-probs, hidden states and the gradient of the packed rows equal those of each row's
+    own forward pass (the definition), and shared prefixes are computed once."""
     temperature = 0.7
     tokenizer = load_tokenizer(tiny_model)
     model = load_policy(tiny_model, tiny_adapters["noisy"], "cpu")
     model.eval()
-    prompts = [_prompt("Hi"), TRAIN_PROMPTS[0], _prompt(" ".join(_WORDS[:40])), _prompt("Thanks")]
-    torch.manual_seed(0)
-    rollout = sample_replies(
-        model, tokenizer, prompts, max_new_tokens=10, temperature=temperature, top_p=1.0
-    )
-    prompt_mask = rollout.attention_mask[:, : rollout.prompt_length]
-    assert len(set(prompt_mask.sum(dim=1).tolist())) == len(prompts), "prompt lengths differ"
-    with torch.no_grad():
-        batch_logprobs, _, batch_hidden = reply_forward(
-            model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, temperature
+
+    def ids(messages: list[ChatMessage]) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
         )
-        for row in range(len(prompts)):
-            prompt = rollout.input_ids[row, : rollout.prompt_length][prompt_mask[row].bool()]
-            reply = rollout.input_ids[row, rollout.prompt_length :]
-            ids = torch.cat([prompt, reply])[None]
-            attention = torch.cat([torch.ones_like(prompt), rollout.reply_mask[row].long()])[None]
-            alone_logprobs, _, alone_hidden = reply_forward(
-                model, ids, attention, len(prompt), temperature
-            )
-            mask = rollout.reply_mask[row].bool()
-            assert torch.allclose(batch_logprobs[row][mask], alone_logprobs[0][mask], atol=1e-4), (
-                row
-            )
-            assert torch.allclose(batch_hidden[row][mask], alone_hidden[0][mask], atol=1e-4), row
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    turn = [ChatMessage("assistant", "Sure, we can."), ChatMessage("user", "When?")]
+    prompts = [
+        ids(TRAIN_PROMPTS[0]),
+        ids([*TRAIN_PROMPTS[0], *turn]),  # the first prompt's conversation, one turn on
+        ids(TRAIN_PROMPTS[1]),
+        ids(TRAIN_PROMPTS[0]),  # the same state twice, replies that part after one token
+    ]
+    generator = torch.Generator().manual_seed(0)
+    replies = [torch.randint(5, 200, (n,), generator=generator).tolist() for n in (5, 3, 6, 4)]
+    replies[3][0] = replies[0][0]
+    rows = list(zip(prompts, replies, strict=True))
+    packed = pack_rows(rows)
+    distinct = {tuple([*p, *r[:-1]][:k]) for p, r in rows for k in range(1, len(p) + len(r))}
+    assert packed.tokens == len(distinct) < sum(len(p) + len(r) - 1 for p, r in rows)
+
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        return [g.clone() for g in torch.autograd.grad(loss, trainable)]
+
+    logprobs, _, hidden = reply_forward(model, packed, temperature)
+    packed_loss = (logprobs * packed.mask).sum() + (head(hidden) * packed.mask).sum()
+    packed_grads = gradients(packed_loss)
+
+    alone_loss = torch.zeros(())
+    for row, (prompt, reply) in enumerate(rows):
+        output = model(input_ids=torch.tensor([prompt + reply]), output_hidden_states=True)
+        logits = output.logits[0, len(prompt) - 1 : -1] / temperature
+        alone = torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
+        alone_hidden = output.hidden_states[-1][0, len(prompt) - 1 : -1]
+        n = len(reply)
+        assert torch.allclose(logprobs[row, :n], alone, atol=1e-5), row
+        assert torch.allclose(hidden[row, :n], alone_hidden, atol=1e-5), row
+        assert torch.all(logprobs[row, n:] == 0) and torch.all(hidden[row, n:] == 0), row
+        alone_loss = alone_loss + alone.sum() + head(alone_hidden).sum()
+    assert torch.allclose(packed_loss, alone_loss, atol=1e-4)
+    for packed_grad, alone_grad in zip(packed_grads, gradients(alone_loss), strict=True):
+        scale = float(alone_grad.abs().max())
+        assert float((packed_grad - alone_grad).abs().max()) <= 1e-4 * scale, scale
+    assert any(g.abs().max() > 1e-3 for g in packed_grads)
 
 
 # -- rollouts through the serving engine ------------------------------------------------------
@@ -773,3 +821,55 @@ def test_a_stale_adapter_in_the_engine_stops_ppo(
         assert check_served_logprobs(engine, model, probe, 1.0, 0.05) < 1e-3
     finally:
         engine.close()
+
+
+def test_check_rollout_logprobs_by_hand() -> None:
+    trained = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
+    served = torch.tensor([[-1.0, -2.01, 0.0], [-0.5, -0.45, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # row 0's third entry is padding
+    assert check_rollout_logprobs(trained, served, mask, 0.06) == pytest.approx(0.05)
+    with pytest.raises(LogprobMismatch, match="replies it sampled"):
+        check_rollout_logprobs(trained, served, mask, 0.04)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ppo_stops_when_the_engine_misses_a_sync_even_past_the_probe(
+    tiny_model: Path,
+    tiny_adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine keeps sampling the first update's policy and the fixed probe looks away:
+    the check of the first minibatch's replies still stops PPO at the second update."""
+    import workers.learning.ppo as ppo
+
+    synced: list[int] = []
+
+    def first_sync_only(engine: Any, model: Any) -> None:
+        if not synced:
+            ppo_sync(engine, model)
+        synced.append(1)
+
+    ppo_sync = ppo.sync_policy
+    monkeypatch.setattr(ppo, "sync_policy", first_sync_only)
+    monkeypatch.setattr(ppo, "check_served_logprobs", lambda *args: 0.0)
+    config = PPOConfig(
+        num_updates=2,
+        batch_size=8,
+        minibatch_size=4,
+        max_new_tokens=8,
+        learning_rate=3e-2,
+        temperature=TOY_TEMPERATURE,
+        device="cpu",
+    )
+    with pytest.raises(LogprobMismatch, match="replies it sampled"):
+        improve_policy(
+            algorithm="ppo",
+            base_model=tiny_model,
+            parent_adapter=tiny_adapters["zero"],
+            prompts=TRAIN_PROMPTS,
+            reward_fn=newline_reward,
+            config=config,
+            output_dir=tmp_path / "pi1",
+        )
+    assert len(synced) == 2

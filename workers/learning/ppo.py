@@ -23,9 +23,16 @@ Rollouts come from the serving engine (workers/learning/engine.py, `rollout_engi
 policy's adapter is copied into it after every update, it samples with the config's T and top_p
 and hands back, per token, the log-prob, the nucleus and the final hidden state it used, and it
 scores the replies under pi_i, so no scoring pass of the trainer's model is needed. After each
-sync a fixed probe set is scored by both, and a difference above `logprob_tolerance` stops PPO
-(`LogprobMismatch`): peers shipped silent LoRA-sync bugs for months (verl #7495, OpenRLHF
-#1349). `rollout_engine="transformers"` samples with generate() and scores with the trainer.
+sync a fixed probe reply is scored by both, and so is every reply of the update's first
+minibatch (the trainer computes those log-probs anyway, before its first step); a difference
+above `logprob_tolerance` stops PPO (`LogprobMismatch`): peers shipped silent LoRA-sync bugs for
+months (verl #7495, OpenRLHF #1349). `rollout_engine="transformers"` samples with generate()
+and scores with the trainer.
+
+The trainer's forward passes pack each minibatch into one sequence that holds every shared
+prefix once (`pack_rows`: a prefix tree under a tree attention mask), which is exact and, on
+the demo's states (a 66-token system prompt, conversations that extend each other), computes
+about half the tokens that left-padded rows did.
 
 Sampling and scoring are one distribution. Everything runs in eval mode (dropout off); the
 base's generation_config.json is set aside and every sampling option pinned (improve.py,
@@ -312,24 +319,134 @@ def reply_logits(
     return output.logits[:, :-1] / temperature, hidden
 
 
+@dataclass
+class PackedRows:
+    """Rows packed into one sequence holding each distinct prefix once (a prefix tree).
+
+    A token attends to itself and its ancestors only and sits at its depth, so every row is
+    computed exactly as alone; a prefix that rows share (the system prompt, the earlier turns of
+    one conversation) is computed, and back-propagated, once instead of once per row, and no
+    padding is computed at all. Only the tokens whose states predict a reply token are needed:
+    each row's prompt and its reply but the last token.
+    """
+
+    input_ids: Tensor  # (1, N)
+    position_ids: Tensor  # (1, N): each token's depth in its row
+    attention_mask: Tensor  # (1, 1, N, N) additive: 0 on a token's ancestors and itself
+    before: Tensor  # (B, C) long: packed index of the token before each reply token
+    keep: Tensor  # (K,) the distinct packed indices in `before`, ascending
+    keep_index: Tensor  # (B, C) long: each entry of `before` as an index into keep
+    targets: Tensor  # (B, C) the reply tokens (0 after each row's reply)
+    mask: Tensor  # (B, C) float: 1 on each row's reply tokens
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def pack_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    width: int | None = None,
+    device: Any = "cpu",
+) -> PackedRows:
+    """Pack (prompt, reply) token rows (each with a non-empty prompt) into a prefix tree; the
+    per-reply-token tensors are `width` wide (default: the longest reply)."""
+    index: dict[tuple[int, int], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    width = max(len(reply) for _, reply in rows) if width is None else width
+    before = torch.zeros((len(rows), width), dtype=torch.long)
+    targets = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    for row, (prompt, reply) in enumerate(rows):
+        if not prompt:
+            raise ValueError("every packed row needs a prompt")
+        sequence = [*prompt, *reply[:-1]]  # the last reply token predicts nothing
+        node = -1
+        path = []
+        for depth, token in enumerate(sequence):
+            key = (node, int(token))
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(int(token))
+                parents.append(node)
+                depths.append(depth)
+            node = index[key]
+            path.append(node)
+        n = len(reply)
+        before[row, :n] = torch.tensor(path[len(prompt) - 1 : len(prompt) - 1 + n])
+        targets[row, :n] = torch.tensor([int(t) for t in reply])
+        mask[row, :n] = 1.0
+    size = len(tokens)
+    sees = torch.zeros((size, size), dtype=torch.bool)
+    for node, parent in enumerate(parents):  # parents come before their children
+        if parent >= 0:
+            sees[node] = sees[parent]
+        sees[node, node] = True
+    attention = torch.zeros((size, size)).masked_fill(~sees, torch.finfo(torch.float32).min)
+    valid = mask.bool()
+    keep = torch.unique(before[valid])  # sorted
+    keep_index = torch.searchsorted(keep, before).clamp(max=len(keep) - 1)
+    return PackedRows(
+        torch.tensor([tokens], device=device),
+        torch.tensor([depths], device=device),
+        attention[None, None].to(device),
+        before.to(device),
+        keep.to(device),
+        keep_index.to(device),
+        targets.to(device),
+        mask.to(device),
+    )
+
+
+def rollout_rows(rollout: Rollout, rows: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, reply) tokens of the rollout's rows, without padding."""
+    out = []
+    prompt_length = rollout.prompt_length
+    for row in rows:
+        seen = rollout.attention_mask[row, :prompt_length].bool()
+        prompt = rollout.input_ids[row, :prompt_length][seen]
+        n = int(rollout.reply_mask[row].sum().item())
+        reply = rollout.input_ids[row, prompt_length : prompt_length + n]
+        out.append((prompt.tolist(), reply.tolist()))
+    return out
+
+
+def packed_reply_logits(
+    model: Any, packed: PackedRows, temperature: float, adapter: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """reply_logits for packed rows: the logits / T that predict each reply token (B, C, V) and
+    the final hidden state before it (B, C, H); entries after a row's reply are filler."""
+    extra = {"adapter_names": [adapter]} if adapter else {}
+    output = model(
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        attention_mask=packed.attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=packed.keep,  # only the states that predict reply tokens
+        **extra,
+    )
+    logits = output.logits[0][packed.keep_index] / temperature
+    hidden = output.hidden_states[-1][0][packed.before]
+    return logits, hidden
+
+
 def reply_forward(
     model: Any,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    prompt_length: int,
+    packed: PackedRows,
     temperature: float,
     adapter: str | None = None,
     nucleus: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per reply token: log-prob and entropy under the model at temperature T (renormalised
-    over nucleus (B, C, V), if given), and the final hidden state of the state before it."""
-    logits, hidden = reply_logits(
-        model, input_ids, attention_mask, prompt_length, temperature, adapter
-    )
-    logprobs = logprobs_of(logits, input_ids[:, prompt_length:], nucleus)
+    """Per reply token of packed rows: log-prob and entropy under the model at temperature T
+    (renormalised over nucleus (B, C, V), if given), and the final hidden state of the state
+    before it; (B, C) each, (B, C, H), with 0 after each row's reply."""
+    logits, hidden = packed_reply_logits(model, packed, temperature, adapter)
+    logprobs = logprobs_of(logits, packed.targets, nucleus) * packed.mask
     with torch.no_grad():
-        entropy = entropy_of(logits, nucleus)
-    return logprobs, entropy, hidden
+        entropy = entropy_of(logits, nucleus) * packed.mask
+    return logprobs, entropy, hidden * packed.mask[..., None]
 
 
 def score_rollout(
@@ -350,27 +467,23 @@ def score_rollout(
     """
     parts: list[tuple[Tensor, ...]] = []
     nuclei: list[Tensor] = []
+    device = rollout.input_ids.device
+    width = rollout.reply_mask.shape[1]
     with torch.no_grad():
         for start in range(0, rollout.input_ids.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            args = (
-                rollout.input_ids[rows],
-                rollout.attention_mask[rows],
-                rollout.prompt_length,
-                temperature,
-            )
-            logits, hidden = reply_logits(model, *args)
-            tokens = rollout.input_ids[rows, rollout.prompt_length :]
+            rows = range(start, min(start + chunk_size, rollout.input_ids.shape[0]))
+            packed = pack_rows(rollout_rows(rollout, rows), width, device)
+            logits, hidden = packed_reply_logits(model, packed, temperature)
             nucleus = None
             if top_p < 1.0:
-                nucleus = nucleus_mask(logits, top_p).scatter(-1, tokens.unsqueeze(-1), True)
+                nucleus = nucleus_mask(logits, top_p).scatter(-1, packed.targets[..., None], True)
                 nuclei.append(nucleus)
-            logprobs = logprobs_of(logits, tokens, nucleus)
-            entropy = entropy_of(logits, nucleus)
+            logprobs = logprobs_of(logits, packed.targets, nucleus) * packed.mask
+            entropy = entropy_of(logits, nucleus) * packed.mask
             ref_logprobs, _, _ = reply_forward(
-                model, *args, adapter=REFERENCE_ADAPTER, nucleus=nucleus
+                model, packed, temperature, adapter=REFERENCE_ADAPTER, nucleus=nucleus
             )
-            parts.append((logprobs, ref_logprobs, value_head(hidden), entropy))
+            parts.append((logprobs, ref_logprobs, value_head(hidden) * packed.mask, entropy))
     logprobs, ref_logprobs, values, entropy = (
         torch.cat(column) for column in zip(*parts, strict=True)
     )
@@ -545,6 +658,22 @@ def check_served_logprobs(
     return gap
 
 
+def check_rollout_logprobs(
+    trained: Tensor, served: Tensor, mask: Tensor, tolerance: float
+) -> float:
+    """The largest difference of a reply's summed log-prob (B, C) between the trainer's model
+    and the engine that sampled it, before any update; LogprobMismatch above tolerance."""
+    with torch.no_grad():
+        gap = float(((trained - served) * mask).sum(dim=1).abs().max().item())
+    if gap > tolerance:
+        raise LogprobMismatch(
+            f"the serving engine's log-probs of the replies it sampled differ from the "
+            f"trainer's by up to {gap:.4f} (tolerance {tolerance}): it is not sampling the "
+            "policy being trained"
+        )
+    return gap
+
+
 def _end_token_ids(model: Any, tokenizer: Any) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
@@ -621,7 +750,7 @@ def train_ppo(
                     seed=config.seed * 1_000_003 + update * len(batch),
                 )
                 if not probe:  # fixed from the first rollout on
-                    probe.extend(list(zip(served.prompts, served.replies, strict=True))[:2])
+                    probe.append((served.prompts[0], served.replies[0]))
                 served_gap["served_logprob_gap"] = check_served_logprobs(
                     engine, model, probe, config.temperature, config.logprob_tolerance
                 )
@@ -676,19 +805,26 @@ def train_ppo(
                 for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")
             }
             epochs_run = 0
+            packed_tokens = 0
             for _ in range(config.n_ppo_epochs):
                 epoch_kl: list[float] = []
                 permutation = torch.randperm(len(batch), generator=order).tolist()
                 for start in range(0, len(batch), config.minibatch_size):
                     rows = permutation[start : start + config.minibatch_size]
+                    packed = pack_rows(rollout_rows(rollout, rows), mask.shape[1], device)
                     logprobs, _, hidden = reply_forward(
                         model,
-                        rollout.input_ids[rows],
-                        rollout.attention_mask[rows],
-                        rollout.prompt_length,
+                        packed,
                         config.temperature,
                         nucleus=None if nucleus is None else nucleus[rows],
                     )
+                    packed_tokens += packed.tokens
+                    if engine is not None and epochs_run == 0 and start == 0:
+                        # Nothing is updated yet: the trainer's log-probs are the synced policy's,
+                        # so they must be the sampler's on every row of this minibatch too.
+                        served_gap["served_logprob_gap_rollout"] = check_rollout_logprobs(
+                            logprobs, old_logprobs[rows], mask[rows], config.logprob_tolerance
+                        )
                     values = value_head(hidden)
                     pg_loss, clipfrac, approx_kl = policy_loss(
                         logprobs, old_logprobs[rows], advantages[rows], mask[rows], config.cliprange
@@ -732,6 +868,8 @@ def train_ppo(
                 # Rollout (sampling, Q, pi_i's log-probs, values) and the optimisation epochs.
                 "rollout_seconds": rollout_seconds,
                 "optimise_seconds": time.monotonic() - update_started - rollout_seconds,
+                # Tokens computed per row and epoch: shared prefixes once (pack_rows).
+                "optimise_tokens_per_row": packed_tokens / (epochs_run * len(batch)),
                 **served_gap,
                 **{key: sum(seen) / len(seen) for key, seen in stats.items()},
             }
