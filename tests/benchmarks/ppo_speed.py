@@ -1,15 +1,17 @@
 """PPO's time per sample, rollouts through generate() (the baseline) against rollouts through the
 serving engine, in one run.
 
-    python -m tests.benchmarks.ppo_speed [--updates 3] [--batch-size 8] [--epochs 2]
-        [--engines transformers,fast] [--openmp intel|bundled] [--output FILE.json]
+    python -m tests.benchmarks.ppo_speed [--updates 5] [--batch-size 8] [--epochs 2]
+        [--engines transformers,fast] [--by-conversation] [--openmp intel|bundled]
+        [--output FILE.json]
 
 The default model (SmolLM2-135M-Instruct, float32, CPU), pi_0's adapter as the parent, the
-demo's PPO settings (minibatch 4, 40 new tokens, lr 1e-4, beta 0.05) sampled as served (T 0.8,
-top_p 0.95), on simulated renovation states (the prompts PPO gets in the demo), with the
-simulator's own score as the reward (cheap: the reward's cost is not what is measured). Per
-engine: seconds per sample over all updates after the first (which loads and warms up), split
-into the rollout (sampling, pi_i's log-probs, values) and the optimisation epochs.
+default demo's PPO settings (batch 8, minibatch 4, 2 epochs, 40 new tokens, lr 1e-4, beta 0.05)
+sampled as served (T 0.8, top_p 0.95), on simulated renovation states (the prompts PPO gets in
+the demo), with the simulator's own score as the reward (cheap: the reward's cost is not what is
+measured). Per engine: seconds per sample over all updates after the first (which loads and
+warms up), split into the rollout (sampling, pi_i's log-probs, values) and the optimisation
+epochs, and the tokens the optimisation computes per row and epoch.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ from services.openmp import active_runtime, relaunch_with_intel_openmp
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--updates", type=int, default=3)
+    parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--engines", default="transformers,fast")
+    parser.add_argument(
+        "--by-conversation",
+        action="store_true",
+        help="PPOConfig.batch_by_conversation: rollouts of whole conversations' states",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument(
         "--openmp",
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 top_p=0.95,
                 device="cpu",
                 rollout_engine=engine,
+                batch_by_conversation=args.by_conversation,
             )
             started = time.monotonic()
             _, history = train_ppo(
@@ -81,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = len(timed) * args.batch_size
             row = {
                 "engine": engine,
+                "by_conversation": args.by_conversation,
                 "updates_timed": len(timed),
                 "samples": samples,
                 "s_per_sample": round(
@@ -93,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                     sum(h["optimise_seconds"] for h in timed) / samples, 3
                 ),
                 "reply_tokens": round(sum(h["reply_tokens"] for h in timed) / len(timed), 1),
+                # Tokens the optimisation computes per row and epoch (shared prefixes once).
+                "optimise_tokens_per_row": round(
+                    sum(h["optimise_tokens_per_row"] for h in timed) / len(timed), 1
+                ),
                 "served_logprob_gap": max(
                     (h.get("served_logprob_gap", 0.0) for h in history), default=0.0
                 ),

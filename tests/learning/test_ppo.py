@@ -733,6 +733,57 @@ def test_packed_rows_score_and_back_propagate_as_each_row_alone(
     assert any(g.abs().max() > 1e-3 for g in packed_grads)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_packed_rows_over_a_nucleus_score_and_back_propagate_as_the_definition(
+    tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """With top_p < 1 only the nuclei's tokens are projected: log-probs, entropies and the
+    gradient still equal log_softmax over each token's nucleus of the full logits, row alone."""
+    temperature, top_p = 0.7, 0.3
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_policy(tiny_model, tiny_adapters["noisy"], "cpu")
+    model.eval()
+    texts = [
+        tokenizer.apply_chat_template(
+            [m.as_dict() for m in prompt], tokenize=False, add_generation_prompt=True
+        )
+        for prompt in TRAIN_PROMPTS[:3]
+    ]
+    prompts = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    generator = torch.Generator().manual_seed(1)
+    replies = [torch.randint(5, 200, (n,), generator=generator).tolist() for n in (4, 6, 2)]
+    rows = list(zip(prompts, replies, strict=True))
+    packed = pack_rows(rows)
+    vocab = model.config.vocab_size
+    nucleus = torch.ones((len(rows), packed.targets.shape[1], vocab), dtype=torch.bool)
+    alone_loss = torch.zeros(())
+    alone_results = []
+    for row, (prompt, reply) in enumerate(rows):
+        logits = model(input_ids=torch.tensor([prompt + reply])).logits[0, len(prompt) - 1 : -1]
+        logits = logits / temperature
+        kept = nucleus_mask(logits.detach(), top_p).scatter(-1, torch.tensor(reply)[:, None], True)
+        nucleus[row, : len(reply)] = kept
+        restricted = logits.masked_fill(~kept, float("-inf"))
+        logprobs = torch.log_softmax(restricted, -1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
+        probs = torch.softmax(restricted, -1)
+        entropy = -(probs * torch.log_softmax(restricted, -1).nan_to_num(neginf=0.0)).sum(-1)
+        alone_results.append((logprobs.detach(), entropy.detach()))
+        alone_loss = alone_loss + logprobs.sum()
+    assert int(nucleus[packed.mask.bool()].any(0).sum()) < vocab * 0.9  # a real restriction
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    logprobs, entropy, _ = reply_forward(model, packed, temperature, nucleus=nucleus)
+    for row, (expected_logprobs, expected_entropy) in enumerate(alone_results):
+        n = len(replies[row])
+        assert torch.allclose(logprobs[row, :n], expected_logprobs, atol=1e-5), row
+        assert torch.allclose(entropy[row, :n], expected_entropy, atol=1e-5), row
+    packed_grads = torch.autograd.grad(logprobs.sum(), trainable)
+    alone_grads = torch.autograd.grad(alone_loss, trainable)
+    for packed_grad, alone_grad in zip(packed_grads, alone_grads, strict=True):
+        scale = float(alone_grad.abs().max())
+        assert float((packed_grad - alone_grad).abs().max()) <= 1e-4 * scale, scale
+
+
 # -- rollouts through the serving engine ------------------------------------------------------
 
 
@@ -873,3 +924,40 @@ def test_ppo_stops_when_the_engine_misses_a_sync_even_past_the_probe(
             output_dir=tmp_path / "pi1",
         )
     assert len(synced) == 2
+
+
+def test_prompt_batches_by_conversation_keep_each_conversations_states_together() -> None:
+    from workers.learning.ppo import _prompt_batches
+
+    def state(conversation: int, turns: int) -> list[ChatMessage]:
+        messages = [ChatMessage("system", "acme"), ChatMessage("user", f"hello {conversation}")]
+        for turn in range(turns):
+            messages += [ChatMessage("assistant", f"a{turn}"), ChatMessage("user", f"u{turn}")]
+        return messages
+
+    sizes = [3, 1, 4, 2, 2]
+    prompts = [state(c, t) for c, size in enumerate(sizes) for t in range(size)]
+    conversation_of = [c for c, size in enumerate(sizes) for _ in range(size)]
+    n = len(prompts)
+
+    # Drawn anywhere: shuffled passes over the prompts, as torch.randperm deals them.
+    batches = _prompt_batches(prompts, 4, torch.Generator().manual_seed(3))
+    stream = [i for _ in range(3 * n // 4) for i in next(batches)]
+    generator = torch.Generator().manual_seed(3)
+    assert stream == [i for _ in range(3) for i in torch.randperm(n, generator=generator).tolist()]
+
+    # By conversation: each pass has every prompt once, each conversation's states in a run.
+    batches = _prompt_batches(prompts, 4, torch.Generator().manual_seed(3), by_conversation=True)
+    stream = [i for _ in range(3 * n // 4) for i in next(batches)]
+    for start in range(0, len(stream), n):
+        one_pass = stream[start : start + n]
+        assert sorted(one_pass) == list(range(n))
+        runs = [
+            conversation_of[i]
+            for k, i in enumerate(one_pass)
+            if k == 0 or conversation_of[i] != conversation_of[one_pass[k - 1]]
+        ]
+        assert sorted(runs) == list(range(len(sizes))), one_pass  # one run each
+        assert one_pass == sorted(one_pass, key=lambda i: (runs.index(conversation_of[i]), i))
+    firsts = {tuple(stream[start : start + n]) for start in range(0, len(stream), n)}
+    assert len(firsts) > 1  # the conversations' order is shuffled pass to pass

@@ -414,22 +414,38 @@ def rollout_rows(rollout: Rollout, rows: Sequence[int]) -> list[tuple[list[int],
 
 
 def packed_reply_logits(
-    model: Any, packed: PackedRows, temperature: float, adapter: str | None = None
+    model: Any,
+    packed: PackedRows,
+    temperature: float,
+    adapter: str | None = None,
+    vocabulary: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """reply_logits for packed rows: the logits / T that predict each reply token (B, C, V) and
-    the final hidden state before it (B, C, H); entries after a row's reply are filler."""
+    the final hidden state before it (B, C, H); entries after a row's reply are filler. With
+    `vocabulary` (U,) ascending token ids, only those columns of the logits (B, C, U)."""
     extra = {"adapter_names": [adapter]} if adapter else {}
+    keep = packed.keep if vocabulary is None else packed.keep[:0]
     output = model(
         input_ids=packed.input_ids,
         position_ids=packed.position_ids,
         attention_mask=packed.attention_mask,
         output_hidden_states=True,
-        logits_to_keep=packed.keep,  # only the states that predict reply tokens
+        logits_to_keep=keep,  # only the states that predict reply tokens
         **extra,
     )
-    logits = output.logits[0][packed.keep_index] / temperature
-    hidden = output.hidden_states[-1][0][packed.before]
-    return logits, hidden
+    hidden = output.hidden_states[-1][0][packed.before]  # after the final norm
+    if vocabulary is None:
+        return output.logits[0][packed.keep_index] / temperature, hidden
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias[vocabulary]
+    return nn.functional.linear(hidden, head.weight[vocabulary], bias) / temperature, hidden
+
+
+def _plain_output_head(model: Any) -> bool:
+    """Whether the vocabulary projection is a plain linear layer (no adapter on it), so that a
+    few of its rows give exactly those logits."""
+    head = model.get_output_embeddings()
+    return type(head) is nn.Linear
 
 
 def reply_forward(
@@ -441,9 +457,18 @@ def reply_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per reply token of packed rows: log-prob and entropy under the model at temperature T
     (renormalised over nucleus (B, C, V), if given), and the final hidden state of the state
-    before it; (B, C) each, (B, C, H), with 0 after each row's reply."""
-    logits, hidden = packed_reply_logits(model, packed, temperature, adapter)
-    logprobs = logprobs_of(logits, packed.targets, nucleus) * packed.mask
+    before it; (B, C) each, (B, C, H), with 0 after each row's reply.
+
+    With a nucleus only the tokens in some reply token's nucleus are projected (the union, a
+    fraction of the vocabulary at top_p < 1): outside its nucleus a token's logit never counts.
+    """
+    targets, vocabulary = packed.targets, None
+    if nucleus is not None and _plain_output_head(model):
+        vocabulary = nucleus[packed.mask.bool()].any(dim=0).nonzero().flatten()
+        targets = torch.searchsorted(vocabulary, targets).clamp(max=len(vocabulary) - 1)
+        nucleus = nucleus[..., vocabulary]
+    logits, hidden = packed_reply_logits(model, packed, temperature, adapter, vocabulary)
+    logprobs = logprobs_of(logits, targets, nucleus) * packed.mask
     with torch.no_grad():
         entropy = entropy_of(logits, nucleus) * packed.mask
     return logprobs, entropy, hidden * packed.mask[..., None]
@@ -683,13 +708,27 @@ def _end_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def _prompt_batches(
-    n_prompts: int, batch_size: int, generator: torch.Generator
+    prompts: Sequence[list[ChatMessage]],
+    batch_size: int,
+    generator: torch.Generator,
+    by_conversation: bool = False,
 ) -> Iterator[list[int]]:
-    """Endless batches of prompt indices: shuffled passes over all prompts, wrapping around."""
+    """Endless batches of prompt indices: shuffled passes over all prompts, wrapping around. By
+    conversation, a pass shuffles conversations (prompts that open with the same two messages)
+    and keeps each one's states together, in order."""
+    if by_conversation:
+        groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
+        for index, messages in enumerate(prompts):
+            opening = tuple((m.role, m.content) for m in messages[:2])
+            groups.setdefault(opening, []).append(index)
+        units = list(groups.values())
+    else:
+        units = [[index] for index in range(len(prompts))]
     pending: list[int] = []
     while True:
         while len(pending) < batch_size:
-            pending.extend(torch.randperm(n_prompts, generator=generator).tolist())
+            for unit in torch.randperm(len(units), generator=generator).tolist():
+                pending.extend(units[unit])
         yield pending[:batch_size]
         pending = pending[batch_size:]
 
@@ -726,7 +765,7 @@ def train_ppo(
         weight_decay=0.0,
     )
     all_params = [*policy_params, *value_head.parameters()]
-    batches = _prompt_batches(len(prompts), config.batch_size, order)
+    batches = _prompt_batches(prompts, config.batch_size, order, config.batch_by_conversation)
     history: list[dict[str, float]] = []
     started = time.monotonic()
     engine = rollout_engine(model, tokenizer, config)
