@@ -1,0 +1,146 @@
+"""The statistics of an A/B test on a binary outcome, treatment against control: pure functions
+over counts, each named by the method it implements (the results API reports those names).
+
+- the difference of outcome rates with Newcombe's hybrid score interval (report.py);
+- a two-sided test of no difference: Boschloo's exact unconditional test while an arm is small
+  (below `EXACT_BELOW` ended conversations), the two-proportion score test above;
+- a sample-ratio-mismatch test of the arms' sizes against their configured weights (Pearson's
+  chi-square goodness of fit);
+- an always-valid interval of the difference that stays valid however often it is looked at:
+  the asymptotic confidence sequence of Waudby-Smith et al. (2023, "Time-uniform central limit
+  theory and asymptotic confidence sequences", Theorem 2.2), tuned as GrowthBook tunes it (the
+  tightest at `SEQUENTIAL_TUNING_N` conversations in all);
+- the posterior probability that treatment's rate beats control's under independent uniform
+  priors (exact, by Evan Miller's closed form).
+
+scipy computes what it already computes (the chi-square and normal tails, Boschloo's test, log-
+beta); scipy is a base dependency because the API serves these numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+EXACT_BELOW = 50  # ended conversations in the smaller arm below which the exact test is used
+SEQUENTIAL_TUNING_N = 5000  # GrowthBook's default: the confidence sequence is tightest here
+SRM_ALPHA = 0.001  # a sample-ratio mismatch is flagged below this p-value
+
+
+@dataclass(frozen=True)
+class TestResult:
+    method: str
+    p_value: float
+
+
+def score_test(successes_t: int, n_t: int, successes_c: int, n_c: int) -> TestResult:
+    """Two-sided two-proportion score test (pooled variance; Pearson's chi-square on the 2 x 2
+    table without continuity correction)."""
+    from scipy.stats import norm  # type: ignore[import-untyped]
+
+    if not n_t or not n_c:
+        return TestResult("two-proportion score test", 1.0)
+    pooled = (successes_t + successes_c) / (n_t + n_c)
+    variance = pooled * (1 - pooled) * (1 / n_t + 1 / n_c)
+    if variance == 0:
+        return TestResult("two-proportion score test", 1.0)
+    z = (successes_t / n_t - successes_c / n_c) / math.sqrt(variance)
+    return TestResult("two-proportion score test", float(2 * norm.sf(abs(z))))
+
+
+def boschloo_test(successes_t: int, n_t: int, successes_c: int, n_c: int) -> TestResult:
+    """Two-sided Boschloo exact unconditional test (scipy): Fisher's p-value as the statistic,
+    its tail maximised over the common rate under no difference; more powerful than Fisher's."""
+    from scipy.stats import boschloo_exact
+
+    if not n_t or not n_c:
+        return TestResult("Boschloo exact test", 1.0)
+    table = [[successes_t, successes_c], [n_t - successes_t, n_c - successes_c]]
+    p = float(boschloo_exact(table, alternative="two-sided").pvalue)
+    return TestResult("Boschloo exact test", min(1.0, p) if math.isfinite(p) else 1.0)
+
+
+def difference_test(successes_t: int, n_t: int, successes_c: int, n_c: int) -> TestResult:
+    """The exact test while the smaller arm has fewer than EXACT_BELOW ended conversations, the
+    score test above."""
+    if min(n_t, n_c) < EXACT_BELOW:
+        return boschloo_test(successes_t, n_t, successes_c, n_c)
+    return score_test(successes_t, n_t, successes_c, n_c)
+
+
+def sample_ratio_mismatch(counts: Sequence[int], weights: Sequence[float]) -> TestResult:
+    """Pearson's chi-square goodness of fit of the arms' units to their configured weights; a
+    p-value below SRM_ALPHA means assignment or logging is broken, not that an arm is better."""
+    from scipy.stats import chisquare
+
+    if len(counts) != len(weights) or len(counts) < 2:
+        raise ValueError("one count and one weight per arm, at least two arms")
+    total, weight_sum = sum(counts), float(sum(weights))
+    if total == 0 or weight_sum <= 0:
+        return TestResult("chi-square goodness of fit", 1.0)
+    live = [(c, w) for c, w in zip(counts, weights, strict=True) if w > 0]
+    if any(c > 0 for c, w in zip(counts, weights, strict=True) if w <= 0):
+        return TestResult("chi-square goodness of fit", 0.0)  # units in an arm weighted 0
+    if len(live) < 2:
+        return TestResult("chi-square goodness of fit", 1.0)
+    expected = [total * w / weight_sum for _, w in live]
+    p = chisquare([c for c, _ in live], expected).pvalue
+    return TestResult("chi-square goodness of fit", float(p))
+
+
+def sequential_rho(alpha: float, tuning_n: int = SEQUENTIAL_TUNING_N) -> float:
+    """The tuning parameter that makes the confidence sequence tightest at tuning_n."""
+    return math.sqrt((-2 * math.log(alpha) + math.log(-2 * math.log(alpha) + 1)) / tuning_n)
+
+
+def sequential_interval(
+    successes_t: int,
+    n_t: int,
+    successes_c: int,
+    n_c: int,
+    alpha: float = 0.05,
+    tuning_n: int = SEQUENTIAL_TUNING_N,
+) -> tuple[float, float]:
+    """Always-valid (1 - alpha) interval of rate_t - rate_c (asymptotic confidence sequence):
+
+        d +- sigma * sqrt(2 (N rho^2 + 1) / (N^2 rho^2) * log(sqrt(N rho^2 + 1) / alpha))
+
+    with N = n_t + n_c and sigma^2 = N * Var(d) (each arm's Bernoulli variance over its size),
+    as GrowthBook applies the theorem to a difference of means. Covers the true difference at
+    every look at once with probability about 1 - alpha, so operators may look every day."""
+    if not n_t or not n_c:
+        return -1.0, 1.0
+    p_t, p_c = successes_t / n_t, successes_c / n_c
+    n = n_t + n_c
+    variance = p_t * (1 - p_t) / n_t + p_c * (1 - p_c) / n_c
+    if variance == 0:  # all 0 or all 1 so far: no spread to scale by; a plug-in floor
+        variance = 0.25 * (1 / n_t + 1 / n_c)
+    sigma = math.sqrt(n * variance)
+    rho2 = sequential_rho(alpha, tuning_n) ** 2
+    half = sigma * math.sqrt(
+        2 * (n * rho2 + 1) / (n * n * rho2) * math.log(math.sqrt(n * rho2 + 1) / alpha)
+    )
+    d = p_t - p_c
+    return max(-1.0, d - half), min(1.0, d + half)
+
+
+def probability_better(successes_t: int, n_t: int, successes_c: int, n_c: int) -> float:
+    """P(rate_t > rate_c) with independent Beta(1 + successes, 1 + failures) posteriors:
+
+    sum_{i < a_t} exp(lnB(a_c + i, b_c + b_t) - ln(b_t + i) - lnB(1 + i, b_t) - lnB(a_c, b_c))
+    """
+    from scipy.special import betaln  # type: ignore[import-untyped]
+
+    a_t, b_t = 1 + successes_t, 1 + n_t - successes_t
+    a_c, b_c = 1 + successes_c, 1 + n_c - successes_c
+    total = math.fsum(
+        math.exp(
+            float(betaln(a_c + i, b_c + b_t))
+            - math.log(b_t + i)
+            - float(betaln(1 + i, b_t))
+            - float(betaln(a_c, b_c))
+        )
+        for i in range(a_t)
+    )
+    return min(1.0, max(0.0, total))
