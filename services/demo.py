@@ -33,8 +33,9 @@ import uvicorn
 from services.app import create_app
 from services.db import make_engine, make_session_factory, session_scope
 from services.experiments import repository as experiments_repository
-from services.experiments.report import ArmResult, experiment_results, sample_size_per_arm
+from services.experiments.report import ArmResult, experiment_results
 from services.experiments.service import ArmSpec, create_experiment, stop_experiment
+from services.experiments.statistics import sample_size_per_arm
 from services.generation.base import AdapterRef, GenerationBackend, SamplingParams
 from services.generation.factory import build_backend
 from services.iterations import service as iterations

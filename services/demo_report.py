@@ -11,11 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from services.demo import DemoResult, Phase, ScoreSummary
-from services.experiments.report import (
-    ArmResult,
-    difference_interval,
-    minimum_detectable_effect,
-)
+from services.experiments.report import ArmResult
+from services.experiments.statistics import difference_interval, minimum_detectable_effect
 from services.simulator.paired import PairedComparison
 
 

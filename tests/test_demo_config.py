@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from services.demo import DemoConfig, Phase, _powered_size
-from services.experiments.report import ArmResult, minimum_detectable_effect
+from services.experiments.report import ArmResult
+from services.experiments.statistics import minimum_detectable_effect
 
 
 def first_phase(outcomes: int, n: int, seconds: float) -> Phase:

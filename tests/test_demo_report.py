@@ -164,7 +164,7 @@ def test_the_terminal_report_is_legible_in_80_columns() -> None:
 
 def test_differences_are_points_and_compare_the_arms_of_one_ab() -> None:
     from services.demo_report import ab_difference, verdict
-    from services.experiments.report import difference_interval
+    from services.experiments.statistics import difference_interval
 
     result = _long_result()
     ab = result.phases[1]  # type: ignore[attr-defined]

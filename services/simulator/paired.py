@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.experiments.report import (
+from services.experiments.statistics import (
     mcnemar_exact_p,
     paired_difference_interval,
     wilson_interval,

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from services.experiments.report import (
+from services.experiments.statistics import (
     difference_interval,
     mcnemar_exact_p,
     minimum_detectable_effect,
