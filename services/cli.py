@@ -273,6 +273,61 @@ def experiments_weights(
     out.print("weights updated")
 
 
+@experiments_app.command("results")
+def experiments_results(
+    experiment_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="The API's JSON.")] = False,
+) -> None:
+    """Per-arm outcome rates and each arm against control (GET /v1/experiments/ID/results)."""
+    from rich.table import Table
+
+    from services.errors import DomainError
+    from services.experiments.report import full_results
+    from services.experiments.schemas import ExperimentResultsOut
+
+    factory = _prepared_store(_settings())
+    try:
+        with session_scope(factory) as session:
+            results = ExperimentResultsOut.of(full_results(session, experiment_id=experiment_id))
+    except DomainError as exc:
+        raise _fail(exc.message) from None
+    if as_json:
+        print(results.model_dump_json(indent=2))  # noqa: T201 (plain stdout for pipes)
+        return
+    arms = Table("arm", "policy", "units", "ended", "outcomes", "rate (95% CI)", "accepted")
+    for arm in results.arms:
+        low, high = arm.outcome_rate_interval
+        arms.add_row(
+            arm.name,
+            arm.policy_id,
+            str(arm.units),
+            str(arm.ended),
+            str(arm.outcomes),
+            f"{arm.outcome_rate:.1%} ({low:.1%}-{high:.1%})",
+            f"{arm.reply_rates['accepted']:.0%}",
+        )
+    out.print(f"experiment {results.experiment_id} ({results.name}, {results.status})")
+    out.print(arms)
+    for c in results.comparisons:
+        low, high = c.difference_interval
+        s_low, s_high = c.sequential_interval
+        mde = (
+            "none"
+            if c.minimum_detectable_effect is None
+            else (f"{100 * c.minimum_detectable_effect:+.1f} pp")
+        )
+        out.print(
+            f"{c.treatment} vs {c.control}: {100 * c.difference:+.1f} pp "
+            f"(95% CI {100 * low:+.1f} to {100 * high:+.1f}); {c.test.method} "
+            f"p = {c.test.p_value:.3g}; always-valid {100 * s_low:+.1f} to {100 * s_high:+.1f} "
+            f"({c.sequential_verdict}); P(better) {c.probability_treatment_better:.2f}; "
+            f"detectable now {mde}"
+        )
+    srm = results.sample_ratio_mismatch
+    flag = "MISMATCH: assignment or logging is broken" if srm.flagged else "ok"
+    out.print(f"sample ratio: p = {srm.p_value:.3g} ({flag})")
+
+
 @experiments_app.command("stop")
 def experiments_stop(experiment_id: str) -> None:
     """Stop an experiment; its conversations keep their arm until they end."""

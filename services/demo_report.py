@@ -11,21 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from services.demo import DemoResult, Phase, ScoreSummary
-from services.experiments.report import ArmResult
+from services.experiments.report import compare
 from services.experiments.statistics import difference_interval, minimum_detectable_effect
 from services.simulator.paired import PairedComparison
-
-
-def two_proportion_p_value(a: ArmResult, b: ArmResult) -> float | None:
-    """Two-sided p-value of a pooled two-proportion z-test (None when undefined)."""
-    if not a.ended or not b.ended:
-        return None
-    pooled = (a.outcomes + b.outcomes) / (a.ended + b.ended)
-    variance = pooled * (1 - pooled) * (1 / a.ended + 1 / b.ended)
-    if variance <= 0:
-        return None
-    z = (b.outcome_rate - a.outcome_rate) / math.sqrt(variance)
-    return math.erfc(abs(z) / math.sqrt(2))
 
 
 def _pp(value: float) -> str:
@@ -70,19 +58,19 @@ def verdict(phase: Phase) -> str:
     if len(phase.arms) != 2:
         return ""
     control, treatment = phase.arms
-    p = two_proportion_p_value(control, treatment)
-    diff = treatment.outcome_rate - control.outcome_rate
-    if p is None:
+    if not control.ended or not treatment.ended:
         return "not enough ended conversations to compare the arms"
+    comparison = compare(treatment, control)  # what GET /v1/experiments/{id}/results reports
+    diff, p = comparison.difference, comparison.test.p_value
     direction = "higher" if diff > 0 else "lower"
     if p < 0.05:
         return (
             f"{short(treatment.policy)} reached a {direction} outcome rate than "
-            f"{short(control.policy)} ({_pp(diff)}, p = {p:.3f})"
+            f"{short(control.policy)} ({_pp(diff)}, {comparison.test.method} p = {p:.3f})"
         )
     return (
         f"no significant difference: {_pp(diff)} for {short(treatment.policy)} vs "
-        f"{short(control.policy)} (p = {p:.2f}); {detectable(phase)}"
+        f"{short(control.policy)} ({comparison.test.method} p = {p:.2f}); {detectable(phase)}"
     )
 
 

@@ -152,3 +152,40 @@ def test_q_fit_and_score_with_the_lexical_kind(embedded: Path) -> None:
     assert scored.exit_code == 0, scored.output
     scores = [json.loads(line) for line in (embedded / "scores.jsonl").read_text().splitlines()]
     assert [s["id"] for s in scores] == ["a", "b"] and scores[0]["q"] > scores[1]["q"]
+
+
+def test_experiments_results_prints_the_apis_json_and_a_table(embedded: Path) -> None:
+    import json
+
+    from services.db import session_scope
+    from services.experiments.service import ArmSpec, create_experiment
+    from services.policies.models import PolicyStatus
+    from services.policies.service import register_policy
+
+    runner = CliRunner()
+    operator = runner.invoke(app, ["keys", "create", "--operator"]).stdout.strip()
+    with TestClient(create_app(get_settings())) as client:
+        factory = client.app.state.session_factory  # type: ignore[attr-defined]
+        with session_scope(factory) as session:
+            for policy in ("pi0", "pi1"):
+                register_policy(
+                    session,
+                    policy_id=policy,
+                    base_model="base",
+                    adapter_uri=policy,
+                    status=PolicyStatus.APPROVED,
+                )
+            experiment = create_experiment(
+                session,
+                name="ab",
+                arms=[ArmSpec("control", "pi0", 1.0), ArmSpec("treatment", "pi1", 1.0)],
+            ).id
+        api = client.get(f"/v1/experiments/{experiment}/results", headers=auth(operator)).json()
+    as_json = runner.invoke(app, ["experiments", "results", experiment, "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout) == api
+    table = runner.invoke(app, ["experiments", "results", experiment])
+    assert table.exit_code == 0, table.output
+    assert "treatment vs control" in table.output and "sample ratio" in table.output
+    missing = runner.invoke(app, ["experiments", "results", "nope"])
+    assert missing.exit_code == 2 and "experiment nope not found" in missing.output

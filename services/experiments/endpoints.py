@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from services.deps import OperatorDep, SessionDep
-from services.experiments import repository, schemas, service
+from services.experiments import report, repository, schemas, service
 
 router = APIRouter(prefix="/v1/experiments", tags=["operator"])
 
@@ -55,3 +55,13 @@ def stop_experiment(
     experiment = service.stop_experiment(session, experiment_id=experiment_id)
     session.commit()
     return schemas.ExperimentOut.model_validate(experiment)
+
+
+@router.get("/{experiment_id}/results", response_model=schemas.ExperimentResultsOut)
+def experiment_results(
+    experiment_id: str, session: SessionDep, _: OperatorDep
+) -> schemas.ExperimentResultsOut:
+    """Per-arm outcome rates and each arm against control (see `methods`)."""
+    return schemas.ExperimentResultsOut.of(
+        report.full_results(session, experiment_id=experiment_id)
+    )

@@ -1,4 +1,5 @@
-"""Per-arm results of an experiment: outcome rates with intervals, suggestion acceptance."""
+"""Results of an experiment from the store: per arm, outcome rates with intervals, how replies
+used suggestions and their latency; each arm against control by the methods of statistics.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,19 @@ from sqlalchemy.orm import Session
 
 from services.experiments import repository
 from services.experiments.service import get_experiment
-from services.experiments.statistics import wilson_interval
+from services.experiments.statistics import (
+    EXACT_BELOW,
+    SEQUENTIAL_TUNING_N,
+    SRM_ALPHA,
+    TestResult,
+    difference_interval,
+    difference_test,
+    minimum_detectable_effect,
+    probability_better,
+    sample_ratio_mismatch,
+    sequential_interval,
+    wilson_interval,
+)
 
 
 @dataclass
@@ -19,6 +32,10 @@ class ArmResult:
     ended: int
     outcomes: int
     relations: dict[str, int] = field(default_factory=dict)
+    units: int = 0
+    weight: float = 0.0
+    suggestions: int = 0
+    mean_latency_ms: float | None = None
 
     @property
     def outcome_rate(self) -> float:
@@ -33,9 +50,63 @@ class ArmResult:
         return self.relations.get(relation, 0) / total if total else 0.0
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One arm against control, on the outcome rate of ended conversations."""
+
+    treatment: str
+    control: str
+    difference: float  # rate(treatment) - rate(control)
+    interval: tuple[float, float]
+    test: TestResult
+    sequential_interval: tuple[float, float]
+    probability_better: float
+    minimum_detectable_effect: float | None
+
+    @property
+    def sequential_verdict(self) -> str:
+        """'better' / 'worse' when the always-valid interval excludes no difference."""
+        low, high = self.sequential_interval
+        return "better" if low > 0 else "worse" if high < 0 else "inconclusive"
+
+
+@dataclass(frozen=True)
+class ExperimentResults:
+    experiment_id: str
+    name: str
+    status: str
+    unit: str
+    control: str
+    arms: list[ArmResult]
+    comparisons: list[Comparison]
+    srm: TestResult
+
+    @property
+    def srm_flagged(self) -> bool:
+        return self.srm.p_value < SRM_ALPHA
+
+
+METHODS = {
+    "outcome_rate_interval": "Wilson score interval, 95%",
+    "difference_interval": "Newcombe hybrid score interval, 95%",
+    "sequential_interval": "asymptotic confidence sequence (Waudby-Smith et al. 2023), 95%, "
+    f"tightest at {SEQUENTIAL_TUNING_N} conversations",
+    "probability_better": "P(rate_t > rate_c), independent Beta(1, 1) priors, exact",
+    "minimum_detectable_effect": "two-sided z-test, alpha 5%, power 80%, at the current sizes",
+    "srm": f"chi-square goodness of fit of assigned units to the current weights, "
+    f"flagged below p = {SRM_ALPHA}",
+    "test": f"Boschloo exact test below {EXACT_BELOW} ended conversations in an arm, "
+    "two-proportion score test above",
+}
+
+
 def experiment_results(session: Session, *, experiment_id: str) -> list[ArmResult]:
-    """Outcome rates over ended conversations of each arm, and how replies used suggestions."""
-    get_experiment(session, experiment_id=experiment_id)
+    """Per arm: units assigned, outcome rates over ended conversations, how replies used
+    suggestions, suggestions and their latency."""
+    experiment = get_experiment(session, experiment_id=experiment_id)
+    weights = {arm.name: arm.weight for arm in experiment.arms}
+    units = repository.arm_units(session, experiment_id=experiment_id)
+    suggestions = repository.arm_suggestions(session, experiment_id=experiment_id)
     results = {
         str(row["arm"]): ArmResult(
             arm=str(row["arm"]),
@@ -43,6 +114,10 @@ def experiment_results(session: Session, *, experiment_id: str) -> list[ArmResul
             conversations=int(row["conversations"]),  # type: ignore[call-overload]
             ended=int(row["ended"]),  # type: ignore[call-overload]
             outcomes=int(row["outcomes"]),  # type: ignore[call-overload]
+            units=units.get(str(row["arm"]), 0),
+            weight=weights.get(str(row["arm"]), 0.0),
+            suggestions=suggestions.get(str(row["arm"]), (0, None))[0],
+            mean_latency_ms=suggestions.get(str(row["arm"]), (0, None))[1],
         )
         for row in repository.arm_outcomes(session, experiment_id=experiment_id)
     }
@@ -51,3 +126,47 @@ def experiment_results(session: Session, *, experiment_id: str) -> list[ArmResul
     ):
         results[arm].relations[relation] = count
     return list(results.values())
+
+
+def compare(treatment: ArmResult, control: ArmResult) -> Comparison:
+    """Treatment's outcome rate against control's, by every method the results report."""
+    args = (treatment.outcomes, treatment.ended, control.outcomes, control.ended)
+    return Comparison(
+        treatment=treatment.arm,
+        control=control.arm,
+        difference=treatment.outcome_rate - control.outcome_rate,
+        interval=difference_interval(*args) if treatment.ended and control.ended else (-1, 1),
+        test=difference_test(*args),
+        sequential_interval=sequential_interval(*args),
+        probability_better=probability_better(*args),
+        minimum_detectable_effect=minimum_detectable_effect(
+            control.outcome_rate, control.ended, treatment.ended
+        ),
+    )
+
+
+def control_arm(arms: list[ArmResult]) -> ArmResult:
+    """The arm named 'control', else the first one."""
+    return next((a for a in arms if a.arm == "control"), arms[0])
+
+
+def full_results(session: Session, *, experiment_id: str) -> ExperimentResults:
+    """Every arm's results, each other arm against control, and the sample-ratio check."""
+    experiment = get_experiment(session, experiment_id=experiment_id)
+    arms = experiment_results(session, experiment_id=experiment_id)
+    control = control_arm(arms)
+    srm = (
+        sample_ratio_mismatch([a.units for a in arms], [a.weight for a in arms])
+        if len(arms) > 1
+        else TestResult("chi-square goodness of fit", 1.0)
+    )
+    return ExperimentResults(
+        experiment_id=experiment.id,
+        name=experiment.name,
+        status=experiment.status,
+        unit=experiment.unit,
+        control=control.arm,
+        arms=arms,
+        comparisons=[compare(arm, control) for arm in arms if arm is not control],
+        srm=srm,
+    )

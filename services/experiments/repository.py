@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from services.conversations.models import Conversation, Message, Outcome
+from services.conversations.models import Conversation, Message, Outcome, Suggestion
 from services.experiments.models import Arm, Assignment, Experiment
 
 
@@ -90,3 +90,30 @@ def arm_reply_relations(session: Session, *, experiment_id: str) -> list[tuple[s
         .group_by(Arm.name, Message.suggestion_relation)
     )
     return [(str(arm), str(relation), int(count)) for arm, relation, count in rows]
+
+
+def arm_units(session: Session, *, experiment_id: str) -> dict[str, int]:
+    """Per arm: units (conversations or businesses) assigned to it."""
+    rows = session.execute(
+        select(Arm.name, func.count(Assignment.unit_id))
+        .select_from(Arm)
+        .outerjoin(Assignment, Assignment.arm_id == Arm.id)
+        .where(Arm.experiment_id == experiment_id)
+        .group_by(Arm.name)
+    )
+    return {str(name): int(count) for name, count in rows}
+
+
+def arm_suggestions(session: Session, *, experiment_id: str) -> dict[str, tuple[int, float | None]]:
+    """Per arm: suggestions made for its conversations and their mean latency (ms)."""
+    rows = session.execute(
+        select(Arm.name, func.count(Suggestion.id), func.avg(Suggestion.latency_ms))
+        .select_from(Suggestion)
+        .join(Conversation, Conversation.id == Suggestion.conversation_id)
+        .join(Arm, Arm.id == Conversation.arm_id)
+        .where(Arm.experiment_id == experiment_id)
+        .group_by(Arm.name)
+    )
+    return {
+        str(name): (int(count), None if mean is None else float(mean)) for name, count, mean in rows
+    }
