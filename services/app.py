@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from services import metrics
 from services import models as _all_tables  # noqa: F401  (every table known to the ORM)
+from services.audit.endpoints import router as audit_router
 from services.conversations.endpoints import router as conversations_router
 from services.db import make_engine, make_session_factory
 from services.errors import DomainError, describe_validation_error
@@ -134,6 +135,7 @@ def create_app(
     app.include_router(policies_router)
     app.include_router(experiments_router)
     app.include_router(iterations_router)
+    app.include_router(audit_router)
     return app
 
 

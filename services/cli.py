@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services import models as _all_tables  # noqa: F401  (every table known to the ORM)
+from services.audit.service import CLI_ACTOR
 from services.db import make_engine, make_session_factory, session_scope
 from services.settings import Settings, get_settings
 
@@ -226,6 +227,7 @@ def experiments_create(
                 business_id=business,
                 unit=unit,
                 exploration={"epsilon": epsilon} if epsilon > 0 else None,
+                actor=CLI_ACTOR,
             )
             out.print(f"experiment {experiment.id} running for {experiment.scope}")
     except DomainError as exc:
@@ -267,7 +269,7 @@ def experiments_weights(
     factory = _prepared_store(_settings())
     try:
         with session_scope(factory) as session:
-            set_weights(session, experiment_id=experiment_id, weights=weights)
+            set_weights(session, experiment_id=experiment_id, weights=weights, actor=CLI_ACTOR)
     except DomainError as exc:
         raise _fail(exc.message) from None
     out.print("weights updated")
@@ -328,6 +330,25 @@ def experiments_results(
     out.print(f"sample ratio: p = {srm.p_value:.3g} ({flag})")
 
 
+@experiments_app.command("promote")
+def experiments_promote(
+    experiment_id: str,
+    arm: Annotated[str, typer.Option(help="The arm whose policy wins.")],
+) -> None:
+    """Serve the arm's policy to every new conversation of the scope (stops this experiment;
+    conversations already assigned keep their arm until they end)."""
+    from services.errors import DomainError
+    from services.experiments.decisions import promote
+
+    factory = _prepared_store(_settings())
+    try:
+        with session_scope(factory) as session:
+            serving = promote(session, experiment_id=experiment_id, arm=arm, actor=CLI_ACTOR)
+            out.print(f"{arm} promoted: experiment {serving.id} serves it to {serving.scope}")
+    except DomainError as exc:
+        raise _fail(exc.message) from None
+
+
 @experiments_app.command("stop")
 def experiments_stop(experiment_id: str) -> None:
     """Stop an experiment; its conversations keep their arm until they end."""
@@ -337,7 +358,7 @@ def experiments_stop(experiment_id: str) -> None:
     factory = _prepared_store(_settings())
     try:
         with session_scope(factory) as session:
-            stop_experiment(session, experiment_id=experiment_id)
+            stop_experiment(session, experiment_id=experiment_id, actor=CLI_ACTOR)
     except DomainError as exc:
         raise _fail(exc.message) from None
     out.print(f"experiment {experiment_id} stopped")
@@ -508,12 +529,12 @@ def _iteration_action(iteration_id: str, action: str, wait: bool = True, **kw: b
     try:
         with session_scope(factory) as session:
             if action == "approve":
-                service.approve(session, iteration_id=iteration_id)
+                service.approve(session, iteration_id=iteration_id, actor=CLI_ACTOR)
                 next_step = Step.DEPLOY
             elif action == "retry":
                 next_step = service.retry(session, iteration_id=iteration_id, **kw)
             else:
-                getattr(service, action)(session, iteration_id=iteration_id)
+                getattr(service, action)(session, iteration_id=iteration_id, actor=CLI_ACTOR)
     except DomainError as exc:
         raise _fail(exc.message) from None
     if next_step is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.experiments.decisions import GUARDRAIL_TASK
 from services.iterations.runner import CHECK_TASK, celery_client
 from services.settings import Settings, get_settings
 
@@ -24,7 +25,8 @@ def make_app(settings: Settings | None = None) -> Any:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # steps are long: never hold one while running another
         beat_schedule={
-            "check-new-data": {"task": CHECK_TASK, "schedule": settings.beat_interval_s}
+            "check-new-data": {"task": CHECK_TASK, "schedule": settings.beat_interval_s},
+            "check-guardrails": {"task": GUARDRAIL_TASK, "schedule": settings.beat_interval_s},
         },
         worker_hijack_root_logger=False,
     )

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services import models as _all_tables  # noqa: F401  (every table known to the ORM)
 from services.db import make_engine, make_session_factory, session_scope
+from services.experiments.decisions import GUARDRAIL_TASK
 from services.iterations.models import Step
 from services.iterations.runner import CHECK_TASK, STEP_TASK, CeleryRunner
 from services.settings import get_settings
@@ -62,3 +63,12 @@ def check_new_data() -> str | None:
     if iteration_id is not None:
         runner().submit(iteration_id, Step.RETURNS)
     return iteration_id
+
+
+@app.task(name=GUARDRAIL_TASK)
+def check_guardrails() -> list[str]:
+    """Beat: roll back every running experiment whose treatment is significantly worse."""
+    from services.experiments.decisions import check_all_guardrails
+
+    with session_scope(session_factory()) as session:
+        return check_all_guardrails(session)

@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from services.deps import OperatorDep, SessionDep
-from services.experiments import report, repository, schemas, service
+from services.experiments import decisions, report, repository, schemas, service
 
 router = APIRouter(prefix="/v1/experiments", tags=["operator"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.ExperimentOut)
 def create_experiment(
-    body: schemas.ExperimentCreate, session: SessionDep, _: OperatorDep
+    body: schemas.ExperimentCreate, session: SessionDep, operator: OperatorDep
 ) -> schemas.ExperimentOut:
     experiment = service.create_experiment(
         session,
@@ -21,6 +21,7 @@ def create_experiment(
         unit=body.unit,
         arms=[service.ArmSpec(a.name, a.policy_id, a.weight) for a in body.arms],
         exploration=body.exploration.model_dump() if body.exploration else None,
+        actor=operator.key_id,
     )
     session.commit()
     return schemas.ExperimentOut.model_validate(experiment)
@@ -41,18 +42,22 @@ def get_experiment(
 
 @router.post("/{experiment_id}/weights", response_model=schemas.ExperimentOut)
 def set_weights(
-    experiment_id: str, body: schemas.WeightsUpdate, session: SessionDep, _: OperatorDep
+    experiment_id: str, body: schemas.WeightsUpdate, session: SessionDep, operator: OperatorDep
 ) -> schemas.ExperimentOut:
-    experiment = service.set_weights(session, experiment_id=experiment_id, weights=body.weights)
+    experiment = service.set_weights(
+        session, experiment_id=experiment_id, weights=body.weights, actor=operator.key_id
+    )
     session.commit()
     return schemas.ExperimentOut.model_validate(experiment)
 
 
 @router.post("/{experiment_id}/stop", response_model=schemas.ExperimentOut)
 def stop_experiment(
-    experiment_id: str, session: SessionDep, _: OperatorDep
+    experiment_id: str, session: SessionDep, operator: OperatorDep
 ) -> schemas.ExperimentOut:
-    experiment = service.stop_experiment(session, experiment_id=experiment_id)
+    experiment = service.stop_experiment(
+        session, experiment_id=experiment_id, actor=operator.key_id
+    )
     session.commit()
     return schemas.ExperimentOut.model_validate(experiment)
 
@@ -65,3 +70,17 @@ def experiment_results(
     return schemas.ExperimentResultsOut.of(
         report.full_results(session, experiment_id=experiment_id)
     )
+
+
+@router.post("/{experiment_id}/promote", response_model=schemas.ExperimentOut)
+def promote(
+    experiment_id: str, body: schemas.PromoteRequest, session: SessionDep, operator: OperatorDep
+) -> schemas.ExperimentOut:
+    """The arm's policy serves every new conversation of the scope: this experiment stops and
+    the one-arm experiment returned serves it. Conversations already assigned keep their arm
+    until they end. 409 while the sample-ratio check fires."""
+    experiment = decisions.promote(
+        session, experiment_id=experiment_id, arm=body.arm, actor=operator.key_id
+    )
+    session.commit()
+    return schemas.ExperimentOut.model_validate(experiment)

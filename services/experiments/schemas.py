@@ -42,6 +42,12 @@ class ExperimentCreate(BaseModel):
     exploration: ExplorationIn | None = None
 
 
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arm: str = Field(min_length=1, max_length=64, description="The arm whose policy wins.")
+
+
 class WeightsUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

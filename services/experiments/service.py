@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from services.audit import service as audit
 from services.conversations.models import Conversation
 from services.db import utcnow
 from services.errors import Conflict, Invalid, NotFound
@@ -58,6 +59,7 @@ def create_experiment(
     business_id: str | None = None,
     unit: str = "conversation",
     exploration: dict[str, Any] | None = None,
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> Experiment:
     if not arms:
         raise Invalid("an experiment needs at least one arm")
@@ -104,6 +106,18 @@ def create_experiment(
         )
         policies.transition(session, policy_id=spec.policy_id, to=PolicyStatus.SERVING)
     session.refresh(experiment)
+    audit.record(
+        session,
+        actor=actor,
+        action="experiment.created",
+        subject_type="experiment",
+        subject_id=experiment.id,
+        data={
+            "name": name,
+            "scope": scope,
+            "arms": [{"name": a.name, "policy_id": a.policy_id, "weight": a.weight} for a in arms],
+        },
+    )
     return experiment
 
 
@@ -114,7 +128,13 @@ def get_experiment(session: Session, *, experiment_id: str) -> Experiment:
     return experiment
 
 
-def set_weights(session: Session, *, experiment_id: str, weights: dict[str, float]) -> Experiment:
+def set_weights(
+    session: Session,
+    *,
+    experiment_id: str,
+    weights: dict[str, float],
+    actor: str = audit.SYSTEM_ACTOR,
+) -> Experiment:
     """Change arm weights; units already assigned keep their arm."""
     experiment = get_experiment(session, experiment_id=experiment_id)
     if experiment.status != "running":
@@ -126,16 +146,42 @@ def set_weights(session: Session, *, experiment_id: str, weights: dict[str, floa
     merged = {name: weights.get(name, arm.weight) for name, arm in by_name.items()}
     if any(w < 0 for w in merged.values()) or sum(merged.values()) <= 0:
         raise Invalid("arm weights must be >= 0 with a positive sum")
+    before = {name: arm.weight for name, arm in by_name.items()}
     for name, weight in merged.items():
         by_name[name].weight = weight
     session.flush()
+    audit.record(
+        session,
+        actor=actor,
+        action="experiment.weights_changed",
+        subject_type="experiment",
+        subject_id=experiment.id,
+        data={"before": before, "after": merged},
+    )
     return experiment
 
 
-def stop_experiment(session: Session, *, experiment_id: str) -> Experiment:
+def stop_experiment(
+    session: Session,
+    *,
+    experiment_id: str,
+    actor: str = audit.SYSTEM_ACTOR,
+    action: str = "experiment.stopped",
+    data: dict[str, Any] | None = None,
+) -> Experiment:
+    """Stop an experiment (its conversations keep their arm until they end); `action` and
+    `data` name the decision in the audit trail (a promotion, a rollback)."""
     experiment = get_experiment(session, experiment_id=experiment_id)
     if experiment.status == "stopped":
         return experiment
+    audit.record(
+        session,
+        actor=actor,
+        action=action,
+        subject_type="experiment",
+        subject_id=experiment.id,
+        data=data,
+    )
     experiment.status = "stopped"
     experiment.stopped_at = utcnow()
     session.flush()

@@ -71,24 +71,24 @@ def get_iteration(iteration_id: str, session: SessionDep, _: OperatorDep) -> sch
 
 @router.post("/{iteration_id}/approve", response_model=schemas.IterationOut)
 def approve(
-    iteration_id: str, session: SessionDep, _: OperatorDep, runner: RunnerDep
+    iteration_id: str, session: SessionDep, operator: OperatorDep, runner: RunnerDep
 ) -> schemas.IterationOut:
-    iteration = service.approve(session, iteration_id=iteration_id)
+    iteration = service.approve(session, iteration_id=iteration_id, actor=operator.key_id)
     session.commit()
     runner.submit(iteration.id, Step.DEPLOY)
     return _out(session, iteration)
 
 
 @router.post("/{iteration_id}/reject", response_model=schemas.IterationOut)
-def reject(iteration_id: str, session: SessionDep, _: OperatorDep) -> schemas.IterationOut:
-    iteration = service.reject(session, iteration_id=iteration_id)
+def reject(iteration_id: str, session: SessionDep, operator: OperatorDep) -> schemas.IterationOut:
+    iteration = service.reject(session, iteration_id=iteration_id, actor=operator.key_id)
     session.commit()
     return _out(session, iteration)
 
 
 @router.post("/{iteration_id}/cancel", response_model=schemas.IterationOut)
-def cancel(iteration_id: str, session: SessionDep, _: OperatorDep) -> schemas.IterationOut:
-    iteration = service.cancel(session, iteration_id=iteration_id)
+def cancel(iteration_id: str, session: SessionDep, operator: OperatorDep) -> schemas.IterationOut:
+    iteration = service.cancel(session, iteration_id=iteration_id, actor=operator.key_id)
     session.commit()
     return _out(session, iteration)
 

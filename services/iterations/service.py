@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from services.audit import service as audit
 from services.db import utcnow
 from services.errors import Conflict, Invalid, NotFound
 from services.experiments import repository as experiments
@@ -331,7 +332,7 @@ def set_candidate(session: Session, *, iteration_id: str, policy_id: str) -> Non
     session.flush()
 
 
-def approve(session: Session, *, iteration_id: str) -> Iteration:
+def approve(session: Session, *, iteration_id: str, actor: str = audit.SYSTEM_ACTOR) -> Iteration:
     """An operator approves the candidate: the deploy step starts the A/B experiment."""
     iteration = _locked(session, iteration_id)
     if iteration.status != IterationStatus.AWAITING_APPROVAL.value:
@@ -339,11 +340,12 @@ def approve(session: Session, *, iteration_id: str) -> Iteration:
     iteration.status = IterationStatus.QUEUED.value
     iteration.updated_at = utcnow()
     add_event(session, iteration, "approved", f"candidate {iteration.candidate_policy_id}")
+    _audit(session, iteration, actor, "iteration.approved")
     session.flush()
     return iteration
 
 
-def reject(session: Session, *, iteration_id: str) -> Iteration:
+def reject(session: Session, *, iteration_id: str, actor: str = audit.SYSTEM_ACTOR) -> Iteration:
     iteration = _locked(session, iteration_id)
     if iteration.status != IterationStatus.AWAITING_APPROVAL.value:
         raise Conflict(f"iteration {iteration.id} is {iteration.status}, not awaiting_approval")
@@ -354,19 +356,32 @@ def reject(session: Session, *, iteration_id: str) -> Iteration:
     iteration.status = IterationStatus.CANCELLED.value
     iteration.finished_at = utcnow()
     add_event(session, iteration, "rejected", f"candidate {iteration.candidate_policy_id}")
+    _audit(session, iteration, actor, "iteration.rejected")
     session.flush()
     return iteration
 
 
-def cancel(session: Session, *, iteration_id: str) -> Iteration:
+def cancel(session: Session, *, iteration_id: str, actor: str = audit.SYSTEM_ACTOR) -> Iteration:
     iteration = _locked(session, iteration_id)
     if IterationStatus(iteration.status) in TERMINAL:
         raise Conflict(f"iteration {iteration.id} is already {iteration.status}")
     iteration.status = IterationStatus.CANCELLED.value
     iteration.finished_at = utcnow()
     add_event(session, iteration, "cancelled", "cancelled by an operator")
+    _audit(session, iteration, actor, "iteration.cancelled")
     session.flush()
     return iteration
+
+
+def _audit(session: Session, iteration: Iteration, actor: str, action: str) -> None:
+    audit.record(
+        session,
+        actor=actor,
+        action=action,
+        subject_type="iteration",
+        subject_id=iteration.id,
+        data={"candidate_policy_id": iteration.candidate_policy_id},
+    )
 
 
 def retry(session: Session, *, iteration_id: str, override_gate: bool) -> Step:

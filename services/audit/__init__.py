@@ -1,0 +1,1 @@
+"""The audit trail: every operator decision, who made it and when."""

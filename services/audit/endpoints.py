@@ -1,0 +1,25 @@
+"""GET /v1/audit: every operator decision, oldest first, paged by id."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from services.audit import schemas, service
+from services.deps import OperatorDep, SessionDep
+
+router = APIRouter(prefix="/v1/audit", tags=["operator"])
+
+
+@router.get("", response_model=schemas.AuditList)
+def list_audit(
+    session: SessionDep,
+    _: OperatorDep,
+    after: Annotated[int | None, Query(ge=0, description="Last id of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> schemas.AuditList:
+    events, has_more = service.list_events(session, after=after, limit=limit)
+    return schemas.AuditList(
+        data=[schemas.AuditEventOut.model_validate(e) for e in events], has_more=has_more
+    )

@@ -1,0 +1,23 @@
+"""All SQL about the audit trail."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.audit.models import AuditEvent
+
+
+def add(session: Session, event: AuditEvent) -> None:
+    session.add(event)
+    session.flush()
+
+
+def page(session: Session, *, after: int | None, limit: int) -> Sequence[AuditEvent]:
+    """Up to limit events with an id above `after`, oldest first."""
+    query = select(AuditEvent).order_by(AuditEvent.id).limit(limit)
+    if after is not None:
+        query = query.where(AuditEvent.id > after)
+    return session.scalars(query).all()
