@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import DateTime, Engine, MetaData, Select, and_, create_engine, event, or_
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -94,3 +94,25 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def newest_first_page(
+    session: Session, query: Select[Any], model: Any, *, after: str | None, limit: int
+) -> tuple[list[Any], bool]:
+    """A keyset page of an operator list, newest first: up to `limit` rows older than the row
+    `after` (the last id of the previous page), and whether more follow. The model needs `id`
+    and `created_at`. An unknown `after` raises LookupError."""
+    if after is not None:
+        anchor = session.get(model, after)
+        if anchor is None:
+            raise LookupError(after)
+        query = query.where(
+            or_(
+                model.created_at < anchor.created_at,
+                and_(model.created_at == anchor.created_at, model.id < anchor.id),
+            )
+        )
+    rows = list(
+        session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1))
+    )
+    return rows[:limit], len(rows) > limit

@@ -36,7 +36,7 @@ def test_keys_create_prints_a_working_key(embedded: Path) -> None:
         created = client.post("/v1/conversations", json={}, headers=auth(business_key))
         assert created.status_code == 201 and created.json()["business_id"] == "acme"
         listed = client.get("/v1/businesses", headers=auth(operator_key))
-        assert [b["id"] for b in listed.json()] == ["acme"]
+        assert [b["id"] for b in listed.json()["data"]] == ["acme"]
 
 
 def test_keys_create_refuses_ambiguous_or_bad_input(embedded: Path) -> None:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -16,9 +16,3 @@ class AuditEventOut(BaseModel):
     subject_id: str
     data: dict[str, Any] | None
     created_at: datetime
-
-
-class AuditList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[AuditEventOut]
-    has_more: bool

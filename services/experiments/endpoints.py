@@ -6,6 +6,7 @@ from fastapi import APIRouter, status
 
 from services.deps import OperatorDep, SessionDep
 from services.experiments import decisions, report, repository, schemas, service
+from services.pages import AfterQuery, LimitQuery, Page, unknown_cursor
 
 router = APIRouter(prefix="/v1/experiments", tags=["operator"])
 
@@ -27,9 +28,16 @@ def create_experiment(
     return schemas.ExperimentOut.model_validate(experiment)
 
 
-@router.get("", response_model=list[schemas.ExperimentOut])
-def list_experiments(session: SessionDep, _: OperatorDep) -> list[schemas.ExperimentOut]:
-    return [schemas.ExperimentOut.model_validate(e) for e in repository.list_experiments(session)]
+@router.get("", response_model=Page[schemas.ExperimentOut])
+def list_experiments(
+    session: SessionDep, _: OperatorDep, after: AfterQuery = None, limit: LimitQuery = 100
+) -> Page[schemas.ExperimentOut]:
+    """Experiments, newest first."""
+    try:
+        rows, has_more = repository.page_experiments(session, after=after, limit=limit)
+    except LookupError:
+        raise unknown_cursor("experiment", str(after)) from None
+    return Page(data=[schemas.ExperimentOut.model_validate(e) for e in rows], has_more=has_more)
 
 
 @router.get("/{experiment_id}", response_model=schemas.ExperimentOut)

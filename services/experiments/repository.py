@@ -8,6 +8,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from services.conversations.models import Conversation, Message, Outcome, Suggestion
+from services.db import newest_first_page
 from services.experiments.models import Arm, Assignment, Experiment
 
 
@@ -19,6 +20,12 @@ def running_for_scope(session: Session, *, scope: str) -> Experiment | None:
     return session.scalars(
         select(Experiment).where(Experiment.scope == scope, Experiment.status == "running")
     ).first()
+
+
+def page_experiments(
+    session: Session, *, after: str | None, limit: int
+) -> tuple[list[Experiment], bool]:
+    return newest_first_page(session, select(Experiment), Experiment, after=after, limit=limit)
 
 
 def list_experiments(session: Session, *, status: str | None = None) -> Sequence[Experiment]:

@@ -12,6 +12,7 @@ from services.errors import Unavailable
 from services.iterations import repository, schemas, service
 from services.iterations.models import Iteration, Step
 from services.iterations.runner import StepRunner
+from services.pages import AfterQuery, LimitQuery, Page, unknown_cursor
 
 router = APIRouter(prefix="/v1/iterations", tags=["operator"])
 
@@ -57,9 +58,16 @@ def request_schema(_: OperatorDep) -> dict[str, Any]:
     return schemas.iteration_request_schema()
 
 
-@router.get("", response_model=list[schemas.IterationOut])
-def list_iterations(session: SessionDep, _: OperatorDep) -> list[schemas.IterationOut]:
-    return [schemas.IterationOut.model_validate(i) for i in repository.list_iterations(session)]
+@router.get("", response_model=Page[schemas.IterationOut])
+def list_iterations(
+    session: SessionDep, _: OperatorDep, after: AfterQuery = None, limit: LimitQuery = 100
+) -> Page[schemas.IterationOut]:
+    """Iterations, newest first."""
+    try:
+        rows, has_more = repository.page_iterations(session, after=after, limit=limit)
+    except LookupError:
+        raise unknown_cursor("iteration", str(after)) from None
+    return Page(data=[schemas.IterationOut.model_validate(i) for i in rows], has_more=has_more)
 
 
 @router.get("/{iteration_id}", response_model=schemas.IterationOut)

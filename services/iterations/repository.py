@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from services.db import newest_first_page
 from services.iterations.models import ACTIVE, Iteration, IterationEvent, IterationStep
 
 
@@ -26,6 +27,12 @@ def lock_iteration(session: Session, *, iteration_id: str) -> Iteration | None:
     if locked is None:
         return None
     return session.get(Iteration, iteration_id, populate_existing=True)
+
+
+def page_iterations(
+    session: Session, *, after: str | None, limit: int
+) -> tuple[list[Iteration], bool]:
+    return newest_first_page(session, select(Iteration), Iteration, after=after, limit=limit)
 
 
 def list_iterations(session: Session, *, limit: int = 100) -> Sequence[Iteration]:

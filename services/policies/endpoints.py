@@ -5,18 +5,28 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from services.deps import OperatorDep, SessionDep
+from services.pages import AfterQuery, LimitQuery, Page, unknown_cursor
 from services.policies import repository, schemas, service
 from services.policies.models import PolicyStatus
 
 router = APIRouter(prefix="/v1/policies", tags=["operator"])
 
 
-@router.get("", response_model=list[schemas.PolicyOut])
+@router.get("", response_model=Page[schemas.PolicyOut])
 def list_policies(
-    session: SessionDep, _: OperatorDep, status_filter: PolicyStatus | None = None
-) -> list[schemas.PolicyOut]:
-    rows = repository.list_policies(session, status=status_filter.value if status_filter else None)
-    return [schemas.PolicyOut.model_validate(p) for p in rows]
+    session: SessionDep,
+    _: OperatorDep,
+    status_filter: PolicyStatus | None = None,
+    after: AfterQuery = None,
+    limit: LimitQuery = 100,
+) -> Page[schemas.PolicyOut]:
+    """Policies, newest first."""
+    status = status_filter.value if status_filter else None
+    try:
+        rows, has_more = repository.page_policies(session, status=status, after=after, limit=limit)
+    except LookupError:
+        raise unknown_cursor("policy", str(after)) from None
+    return Page(data=[schemas.PolicyOut.model_validate(p) for p in rows], has_more=has_more)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.PolicyOut)

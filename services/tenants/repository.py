@@ -7,11 +7,18 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from services.db import newest_first_page
 from services.tenants.models import ApiKey, Business
 
 
 def get_business(session: Session, *, business_id: str) -> Business | None:
     return session.get(Business, business_id)
+
+
+def page_businesses(
+    session: Session, *, after: str | None, limit: int
+) -> tuple[list[Business], bool]:
+    return newest_first_page(session, select(Business), Business, after=after, limit=limit)
 
 
 def list_businesses(session: Session) -> Sequence[Business]:

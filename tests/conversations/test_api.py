@@ -134,7 +134,8 @@ def test_auth_is_required_and_roles_are_enforced(client: TestClient, store: Stor
     assert as_operator.status_code == 403 and "business" in as_operator.json()["detail"]
     assert client.get("/v1/businesses", headers=auth(business_key)).status_code == 403
     listed = client.get("/v1/businesses", headers=auth(operator_key))
-    assert listed.status_code == 200 and listed.json()
+    assert listed.status_code == 200 and listed.json()["object"] == "list"
+    assert listed.json()["data"]
 
 
 def test_bad_input_gets_a_4xx_naming_the_problem(client: TestClient, store: Store) -> None:

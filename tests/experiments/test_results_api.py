@@ -141,3 +141,31 @@ def test_results_need_an_operator_and_a_real_experiment(store: Store, client: Te
     empty = client.get(url, headers=auth(operator)).json()
     assert [a["ended"] for a in empty["arms"]] == [0, 0]
     assert empty["comparisons"][0]["minimum_detectable_effect"] is None
+
+
+def test_operator_lists_are_newest_first_pages(store: Store, client: TestClient) -> None:
+    business, _ = store.business_key()
+    operator = store.operator_key()
+    created = []
+    for _ in range(3):
+        experiment_id, _ = _experiment(store, business)
+        client.post(f"/v1/experiments/{experiment_id}/stop", headers=auth(operator))
+        created.append(experiment_id)
+    seen: list[str] = []
+    after = None
+    while True:
+        params: dict[str, object] = {"limit": 2, **({"after": after} if after else {})}
+        page = client.get("/v1/experiments", params=params, headers=auth(operator)).json()
+        assert page["object"] == "list" and len(page["data"]) <= 2
+        seen.extend(e["id"] for e in page["data"])
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    assert len(seen) == len(set(seen))
+    assert [i for i in seen if i in created] == created[::-1]  # newest first, each once
+    policies = client.get("/v1/policies", params={"limit": 1}, headers=auth(operator)).json()
+    assert len(policies["data"]) == 1 and policies["has_more"] is True
+    for path in ("experiments", "policies", "iterations", "businesses"):
+        unknown = client.get(f"/v1/{path}", params={"after": "nope"}, headers=auth(operator))
+        assert unknown.status_code == 422 and "'nope'" in unknown.text, path
+        assert client.get(f"/v1/{path}?limit=0", headers=auth(operator)).status_code == 422

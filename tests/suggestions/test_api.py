@@ -257,7 +257,7 @@ def test_one_running_experiment_per_scope(world: World) -> None:
     )
     assert bad.status_code in (404, 409)
     listed = world.client.get("/v1/policies", headers=auth(world.operator)).json()
-    statuses = {p["id"]: p["status"] for p in listed}
+    statuses = {p["id"]: p["status"] for p in listed["data"]}
     assert statuses[world.policies["control"]] == "serving"
 
 
