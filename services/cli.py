@@ -420,7 +420,9 @@ def _show_iteration(factory, iteration_id: str) -> None:  # type: ignore[no-unty
     from services.iterations.service import get_iteration
 
     with session_scope(factory) as session:
-        out_ = IterationOut.model_validate(get_iteration(session, iteration_id=iteration_id))
+        iteration = get_iteration(session, iteration_id=iteration_id)
+        out_ = IterationOut.model_validate(iteration)
+        events = [(e.created_at, e.kind, e.message) for e in iteration.events[-8:]]
     out.print(
         f"iteration {out_.id}: [bold]{out_.status}[/]"
         + (f" (candidate {out_.candidate_policy_id})" if out_.candidate_policy_id else "")
@@ -429,8 +431,8 @@ def _show_iteration(factory, iteration_id: str) -> None:  # type: ignore[no-unty
         out.print(f"[red]{out_.error}[/]")
     if out_.metrics:
         out.print(json.dumps(out_.metrics, indent=2, sort_keys=True))
-    for event in out_.events[-8:]:
-        out.print(f"  {event.created_at:%H:%M:%S} {event.kind}: {event.message}")
+    for created_at, kind, message in events:
+        out.print(f"  {created_at:%H:%M:%S} {kind}: {message}")
 
 
 @iterate_app.command("create")

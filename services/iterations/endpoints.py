@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Query, Request, status
 from sqlalchemy.orm import Session
 
 from services.deps import OperatorDep, SessionDep, SettingsDep
@@ -75,6 +75,24 @@ def get_iteration(iteration_id: str, session: SessionDep, _: OperatorDep) -> sch
     return schemas.IterationOut.model_validate(
         service.get_iteration(session, iteration_id=iteration_id)
     )
+
+
+@router.get("/{iteration_id}/events", response_model=Page[schemas.EventOut])
+def list_events(
+    iteration_id: str,
+    session: SessionDep,
+    _: OperatorDep,
+    after: Annotated[
+        int | None, Query(ge=0, description="The last seq of the previous page.")
+    ] = None,
+    limit: LimitQuery = 100,
+) -> Page[schemas.EventOut]:
+    """The iteration's events in order (progress, gate results, the approval summary)."""
+    service.get_iteration(session, iteration_id=iteration_id)  # 404 when unknown
+    rows, has_more = repository.page_events(
+        session, iteration_id=iteration_id, after=after, limit=limit
+    )
+    return Page(data=[schemas.EventOut.model_validate(e) for e in rows], has_more=has_more)
 
 
 @router.post("/{iteration_id}/approve", response_model=schemas.IterationOut)

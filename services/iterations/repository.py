@@ -67,3 +67,20 @@ def next_event_seq(session: Session, *, iteration_id: str) -> int:
         select(func.max(IterationEvent.seq)).where(IterationEvent.iteration_id == iteration_id)
     )
     return int(current or 0) + 1
+
+
+def page_events(
+    session: Session, *, iteration_id: str, after: int | None, limit: int
+) -> tuple[list[IterationEvent], bool]:
+    """An iteration's events in order: up to limit with seq above `after`, and whether more
+    follow."""
+    query = (
+        select(IterationEvent)
+        .where(IterationEvent.iteration_id == iteration_id)
+        .order_by(IterationEvent.seq)
+        .limit(limit + 1)
+    )
+    if after is not None:
+        query = query.where(IterationEvent.seq > after)
+    rows = list(session.scalars(query))
+    return rows[:limit], len(rows) > limit

@@ -233,4 +233,4 @@ class IterationOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     steps: list[StepOut]
-    events: list[EventOut]
+    # Events: GET /v1/iterations/{id}/events (a page), so that the job stays small.

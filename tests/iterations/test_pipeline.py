@@ -139,7 +139,16 @@ def test_iteration_end_to_end_with_approval(
     else:  # too few conversations for an interval: flagged, never passed silently
         assert metrics["check_gain_lo"] is None and metrics["check_flagged"]
     assert 0 < metrics["estimate_ess"] <= 10 and metrics["estimate_dr"] is not None
-    waiting = [e for e in done["events"] if e["kind"] == "awaiting_approval"]
+    events = inline_client.get(f"/v1/iterations/{body['id']}/events", headers=auth(operator)).json()
+    assert [e["seq"] for e in events["data"]] == sorted(e["seq"] for e in events["data"])
+    first, rest = (
+        inline_client.get(
+            f"/v1/iterations/{body['id']}/events", params=params, headers=auth(operator)
+        ).json()
+        for params in ({"limit": 1}, {"after": events["data"][0]["seq"]})
+    )
+    assert first["has_more"] and first["data"] + rest["data"] == events["data"]
+    waiting = [e for e in events["data"] if e["kind"] == "awaiting_approval"]
     assert len(waiting) == 1 and "held-out Q gain pi_i+1 - pi_i" in waiting[0]["message"]
     assert done["metrics"]["q_auc"] >= 0.8, "Q must learn the keyword that wins"
     candidate = done["candidate_policy_id"]
