@@ -14,13 +14,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import metrics
 from services import models as _all_tables  # noqa: F401  (every table known to the ORM)
 from services.audit.endpoints import router as audit_router
 from services.conversations.endpoints import router as conversations_router
 from services.db import make_engine, make_session_factory
-from services.errors import DomainError, describe_validation_error
+from services.errors import (
+    HTTP_CODES,
+    DomainError,
+    describe_validation_error,
+    error_body,
+    validation_param,
+)
 from services.experiments.endpoints import router as experiments_router
 from services.generation.base import GenerationBackend
 from services.generation.factory import BackendHolder, ModelNotPrepared
@@ -88,21 +95,34 @@ def create_app(
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+        return JSONResponse(
+            status_code=exc.status_code, content=error_body(exc.code, exc.message, exc.param)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [describe_validation_error(e) for e in exc.errors()]
+        errors = exc.errors()
+        problems = [describe_validation_error(e) for e in errors]
+        param = validation_param(errors[0]) if errors else None
+        body = error_body("invalid_request", "; ".join(problems), param)
+        body["error"]["errors"] = jsonable_errors(exc)
+        return JSONResponse(status_code=422, content=body)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "error")
         return JSONResponse(
-            status_code=422,
-            content={"detail": "; ".join(problems), "errors": jsonable_errors(exc)},
+            status_code=exc.status_code,
+            content=error_body(code, str(exc.detail)),
+            headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(OperationalError)
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
         log.error("database error: %s", exc)
         return JSONResponse(
-            status_code=503, content={"detail": "the database is unavailable; retry later"}
+            status_code=503,
+            content=error_body("database_unavailable", "the database is unavailable; retry later"),
         )
 
     @app.middleware("http")

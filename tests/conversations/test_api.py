@@ -90,7 +90,7 @@ def test_retried_writes_return_the_first_result(client: TestClient, store: Store
     clash = client.post(
         f"/v1/conversations/{cid}/messages", json={**body, "text": "something else"}, headers=h
     )
-    assert clash.status_code == 409 and "m-1" in clash.json()["detail"]
+    assert clash.status_code == 409 and "m-1" in clash.json()["error"]["message"]
 
     o1 = client.post(f"/v1/conversations/{cid}/outcome", json={"client_event_id": "o"}, headers=h)
     o2 = client.post(f"/v1/conversations/{cid}/outcome", json={"client_event_id": "o"}, headers=h)
@@ -118,7 +118,7 @@ def test_tenants_see_only_their_own_conversations(client: TestClient, store: Sto
     ]:
         response = client.request(method, path, json=body, headers=auth(key_b))
         assert response.status_code == 404, (path, response.text)
-        assert cid in response.json()["detail"]
+        assert cid in response.json()["error"]["message"]
     assert client.get(f"/v1/conversations/{cid}", headers=auth(key_a)).json()["status"] == "open"
 
 
@@ -127,11 +127,11 @@ def test_auth_is_required_and_roles_are_enforced(client: TestClient, store: Stor
     operator_key = store.operator_key()
     assert client.post("/v1/conversations", json={}).status_code == 401
     bad = client.post("/v1/conversations", json={}, headers=auth("olk_nope"))
-    assert bad.status_code == 401 and "unknown" in bad.json()["detail"]
+    assert bad.status_code == 401 and "unknown" in bad.json()["error"]["message"]
     basic = client.post("/v1/conversations", json={}, headers={"Authorization": "Basic abc"})
-    assert basic.status_code == 401 and "Bearer" in basic.json()["detail"]
+    assert basic.status_code == 401 and "Bearer" in basic.json()["error"]["message"]
     as_operator = client.post("/v1/conversations", json={}, headers=auth(operator_key))
-    assert as_operator.status_code == 403 and "business" in as_operator.json()["detail"]
+    assert as_operator.status_code == 403 and "business" in as_operator.json()["error"]["message"]
     assert client.get("/v1/businesses", headers=auth(business_key)).status_code == 403
     listed = client.get("/v1/businesses", headers=auth(operator_key))
     assert listed.status_code == 200 and listed.json()["object"] == "list"
@@ -148,19 +148,19 @@ def test_bad_input_gets_a_4xx_naming_the_problem(client: TestClient, store: Stor
     unknown = client.post(
         "/v1/conversations/nope/messages", json={"role": "customer", "text": "x"}, headers=h
     )
-    assert unknown.status_code == 404 and "nope" in unknown.json()["detail"]
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]["message"]
 
     empty = client.post(
         f"/v1/conversations/{cid}/messages", json={"role": "customer", "text": "   "}, headers=h
     )
-    assert empty.status_code == 422 and "empty" in empty.json()["detail"]
+    assert empty.status_code == 422 and "empty" in empty.json()["error"]["message"]
 
     huge = client.post(
         f"/v1/conversations/{cid}/messages",
         json={"role": "customer", "text": "x" * 8001},
         headers=h,
     )
-    assert huge.status_code == 422 and "8000" in huge.json()["detail"]
+    assert huge.status_code == 422 and "8000" in huge.json()["error"]["message"]
 
     # PostgreSQL text cannot hold NUL: refused with a 422 on every store, never a 500.
     nul = client.post(
@@ -168,19 +168,19 @@ def test_bad_input_gets_a_4xx_naming_the_problem(client: TestClient, store: Stor
         json={"role": "customer", "text": "a\u0000b"},
         headers=h,
     )
-    assert nul.status_code == 422 and "NUL" in nul.json()["detail"]
+    assert nul.status_code == 422 and "NUL" in nul.json()["error"]["message"]
 
     malformed = client.post(
         f"/v1/conversations/{cid}/messages",
         content=b'{"role": "customer", "text": ',
         headers={**h, "Content-Type": "application/json"},
     )
-    assert malformed.status_code == 422 and "JSON" in malformed.json()["detail"]
+    assert malformed.status_code == 422 and "JSON" in malformed.json()["error"]["message"]
 
     bad_role = client.post(
         f"/v1/conversations/{cid}/messages", json={"role": "bot", "text": "x"}, headers=h
     )
-    assert bad_role.status_code == 422 and "role" in bad_role.json()["detail"]
+    assert bad_role.status_code == 422 and "role" in bad_role.json()["error"]["message"]
 
     foreign = logged_suggestion(store, business, other, "from elsewhere")
     wrong = client.post(
@@ -188,7 +188,7 @@ def test_bad_input_gets_a_4xx_naming_the_problem(client: TestClient, store: Stor
         json={"role": "business", "text": "x", "suggestion_id": foreign},
         headers=h,
     )
-    assert wrong.status_code == 422 and foreign in wrong.json()["detail"]
+    assert wrong.status_code == 422 and foreign in wrong.json()["error"]["message"]
 
     own = logged_suggestion(store, business, cid, "Hi there!")
     on_customer = client.post(
@@ -196,29 +196,32 @@ def test_bad_input_gets_a_4xx_naming_the_problem(client: TestClient, store: Stor
         json={"role": "customer", "text": "x", "suggestion_id": own},
         headers=h,
     )
-    assert on_customer.status_code == 422 and "business" in on_customer.json()["detail"]
+    assert on_customer.status_code == 422 and "business" in on_customer.json()["error"]["message"]
     say(client, key, cid, "business", "Hi there!", suggestion_id=own)
     reused = client.post(
         f"/v1/conversations/{cid}/messages",
         json={"role": "business", "text": "again", "suggestion_id": own},
         headers=h,
     )
-    assert reused.status_code == 409 and "already answered" in reused.json()["detail"]
+    assert reused.status_code == 409 and "already answered" in reused.json()["error"]["message"]
 
     no_outcome = client.post(
         f"/v1/conversations/{other}/close", json={"reason": "outcome"}, headers=h
     )
-    assert no_outcome.status_code == 409 and "no recorded outcome" in no_outcome.json()["detail"]
+    assert (
+        no_outcome.status_code == 409
+        and "no recorded outcome" in no_outcome.json()["error"]["message"]
+    )
     bad_reason = client.post(f"/v1/conversations/{cid}/close", json={"reason": "bored"}, headers=h)
-    assert bad_reason.status_code == 422 and "reason" in bad_reason.json()["detail"]
+    assert bad_reason.status_code == 422 and "reason" in bad_reason.json()["error"]["message"]
 
     client.post(f"/v1/conversations/{cid}/close", json={"reason": "customer_left"}, headers=h)
     closed = client.post(
         f"/v1/conversations/{cid}/messages", json={"role": "customer", "text": "wait"}, headers=h
     )
-    assert closed.status_code == 409 and "closed" in closed.json()["detail"]
+    assert closed.status_code == 409 and "closed" in closed.json()["error"]["message"]
     reclose = client.post(f"/v1/conversations/{cid}/close", json={"reason": "timeout"}, headers=h)
-    assert reclose.status_code == 409 and "customer_left" in reclose.json()["detail"]
+    assert reclose.status_code == 409 and "customer_left" in reclose.json()["error"]["message"]
 
     # None of the refused requests left a trace.
     stored = client.get(f"/v1/conversations/{cid}", headers=h).json()
@@ -231,7 +234,7 @@ def test_outcome_needs_a_message_and_may_follow_close(client: TestClient, store:
     h = auth(key)
     cid = new_conversation(client, key)
     empty = client.post(f"/v1/conversations/{cid}/outcome", json={}, headers=h)
-    assert empty.status_code == 409 and "no messages" in empty.json()["detail"]
+    assert empty.status_code == 409 and "no messages" in empty.json()["error"]["message"]
     first = say(client, key, cid, "customer", "I'll think about it")
     say(client, key, cid, "business", "Sure, take your time")
     client.post(f"/v1/conversations/{cid}/close", json={"reason": "customer_left"}, headers=h)
@@ -242,7 +245,7 @@ def test_outcome_needs_a_message_and_may_follow_close(client: TestClient, store:
     )
     assert late.status_code == 201 and late.json()["seq"] == 1
     wrong = client.post(f"/v1/conversations/{cid}/outcome", json={"message_id": "zzz"}, headers=h)
-    assert wrong.status_code == 422 and "zzz" in wrong.json()["detail"]
+    assert wrong.status_code == 422 and "zzz" in wrong.json()["error"]["message"]
 
 
 def test_health_docs_and_metrics(client: TestClient, store: Store) -> None:
@@ -259,3 +262,29 @@ def test_health_docs_and_metrics(client: TestClient, store: Store) -> None:
     text = client.get("/metrics").text
     assert 'outcomeloop_messages_total{role="customer"}' in text
     assert cid not in text  # labels never carry ids
+
+
+def test_every_error_is_structured_with_a_code_a_message_and_the_param(
+    client: TestClient, store: Store
+) -> None:
+    _, key = store.business_key()
+    unknown_route = client.get("/v1/nowhere", headers=auth(key))
+    assert unknown_route.status_code == 404
+    assert unknown_route.json()["error"]["code"] == "not_found"
+    wrong_method = client.delete("/v1/conversations", headers=auth(key))
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    bad = client.post(
+        "/v1/conversations/x/messages", json={"role": "robot", "text": "hi"}, headers=auth(key)
+    )
+    assert bad.status_code == 422
+    error = bad.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == "role"
+    assert "role" in error["message"] and "detail" not in bad.json()
+    missing = client.get("/v1/conversations/nope", headers=auth(key))
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "error": {"code": "not_found", "message": missing.json()["error"]["message"], "param": None}
+    }
+    unauthenticated = client.get("/v1/conversations/nope")
+    assert unauthenticated.json()["error"]["code"] == "unauthenticated"

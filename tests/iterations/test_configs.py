@@ -148,7 +148,7 @@ def test_bad_values_are_422_naming_the_field(
         content=json.dumps({"parent_policy_id": _policy(sqlite_store), **body}),
     )
     assert response.status_code == 422, response.text
-    assert field in response.json()["detail"]
+    assert field in response.json()["error"]["message"]
 
 
 def test_rloo_has_its_own_names_for_epochs_and_batches(
@@ -203,8 +203,8 @@ def test_iteration_endpoints_without_a_runner_answer_503(sqlite_store: Store) ->
             json={"parent_policy_id": _policy(sqlite_store)},
         )
         assert response.status_code == 503
-        assert "outcomeloop serve" in response.json()["detail"]
-        assert "OUTCOMELOOP_TASK_RUNNER=celery" in response.json()["detail"]
+        assert "outcomeloop serve" in response.json()["error"]["message"]
+        assert "OUTCOMELOOP_TASK_RUNNER=celery" in response.json()["error"]["message"]
         for action in ("approve", "retry"):
             assert (
                 client.post(
@@ -264,7 +264,7 @@ def test_the_api_refuses_another_temperature_than_served(sqlite_store: Store) ->
                 json={"hyperparameters": hyper, "parent_policy_id": _policy(sqlite_store)},
             )
         assert response.status_code == status, response.text
-        assert all(word in response.json()["detail"] for word in words)
+        assert all(word in response.json()["error"]["message"] for word in words)
 
 
 # -- beat goes through the same validation ---------------------------------------------------

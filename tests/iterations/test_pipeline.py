@@ -240,14 +240,14 @@ def test_iterations_api_refuses_bad_requests(
         headers=auth(operator),
         json={"algorithm": "ppo", "hyperparameters": {"beta": -1}, "parent_policy_id": "nope"},
     )
-    assert bad.status_code == 422 and "beta" in bad.json()["detail"], "validated first"
+    assert bad.status_code == 422 and "beta" in bad.json()["error"]["message"], "validated first"
     missing = inline_client.post(
         "/v1/iterations", headers=auth(operator), json={"parent_policy_id": "nope"}
     )
-    assert missing.status_code == 404 and "nope" in missing.json()["detail"]
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
     unknown = inline_client.get("/v1/iterations/missing", headers=auth(operator))
-    assert unknown.status_code == 404 and "missing" in unknown.json()["detail"]
+    assert unknown.status_code == 404 and "missing" in unknown.json()["error"]["message"]
     wrong_algo = inline_client.post(
         "/v1/iterations", headers=auth(operator), json={"algorithm": "sft"}
     )
-    assert wrong_algo.status_code == 422 and "algorithm" in wrong_algo.json()["detail"]
+    assert wrong_algo.status_code == 422 and "algorithm" in wrong_algo.json()["error"]["message"]

@@ -216,14 +216,16 @@ def test_refusals_name_the_problem(world: World) -> None:
     say(world.client, world.key, cid, "customer", "hi")
     say(world.client, world.key, cid, "business", "hello!")
     business_last = world.client.post(f"/v1/conversations/{cid}/suggestions", json={}, headers=h)
-    assert business_last.status_code == 409 and "customer" in business_last.json()["detail"]
+    assert (
+        business_last.status_code == 409 and "customer" in business_last.json()["error"]["message"]
+    )
     too_many = world.client.post(f"/v1/conversations/{cid}/suggestions", json={"n": 99}, headers=h)
-    assert too_many.status_code == 422 and "99" in too_many.json()["detail"]
+    assert too_many.status_code == 422 and "99" in too_many.json()["error"]["message"]
     unknown = world.client.post("/v1/conversations/nope/suggestions", json={}, headers=h)
     assert unknown.status_code == 404
     world.client.post(f"/v1/conversations/{cid}/close", json={"reason": "timeout"}, headers=h)
     closed = world.client.post(f"/v1/conversations/{cid}/suggestions", json={}, headers=h)
-    assert closed.status_code == 409 and "closed" in closed.json()["detail"]
+    assert closed.status_code == 409 and "closed" in closed.json()["error"]["message"]
 
     other, other_key = world.store.business_key()
     lonely = new_conversation(world.client, other_key)
@@ -232,7 +234,7 @@ def test_refusals_name_the_problem(world: World) -> None:
         f"/v1/conversations/{lonely}/suggestions", json={}, headers=auth(other_key)
     )
     if none_running.status_code != 201:  # a global experiment may exist from another test
-        assert none_running.status_code == 409 and other in none_running.json()["detail"]
+        assert none_running.status_code == 409 and other in none_running.json()["error"]["message"]
 
 
 def test_one_running_experiment_per_scope(world: World) -> None:
@@ -245,7 +247,7 @@ def test_one_running_experiment_per_scope(world: World) -> None:
             "arms": [{"name": "a", "policy_id": world.policies["control"], "weight": 1}],
         },
     )
-    assert again.status_code == 409 and "already running" in again.json()["detail"]
+    assert again.status_code == 409 and "already running" in again.json()["error"]["message"]
     bad = world.client.post(
         "/v1/experiments",
         headers=auth(world.operator),
@@ -285,7 +287,7 @@ def test_backend_failures_error_or_abstain_per_setting(
             cid = new_conversation(client, key)
             say(client, key, cid, "customer", "hello?")
             failed = client.post(f"/v1/conversations/{cid}/suggestions", json={}, headers=auth(key))
-            assert failed.status_code == status and words in failed.json()["detail"]
+            assert failed.status_code == status and words in failed.json()["error"]["message"]
             # The conversation's events are intact and it can go on.
             say(client, key, cid, "business", "Sorry, one moment.")
     abstaining = store.settings.model_copy(update={"on_backend_error": "abstain"})
