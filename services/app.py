@@ -36,6 +36,7 @@ from services.iterations.runner import CeleryRunner, StepRunner
 from services.policies.endpoints import router as policies_router
 from services.settings import Settings, get_settings
 from services.suggestions.endpoints import router as suggestions_router
+from services.tenants.endpoints import keys_router
 from services.tenants.endpoints import router as businesses_router
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def create_app(
     app.include_router(conversations_router)
     app.include_router(suggestions_router)
     app.include_router(businesses_router)
+    app.include_router(keys_router)
     app.include_router(policies_router)
     app.include_router(experiments_router)
     app.include_router(iterations_router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -46,7 +47,8 @@ app.add_typer(data_app, name="data")
 
 # soft_wrap: an error line or a JSON line is never broken at the terminal width (logs, pipes).
 err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# Piped or redirected, a table is as wide as its content: ids are never cut to fit 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -117,6 +119,53 @@ def keys_create(
     except DomainError as exc:
         raise _fail(exc.message) from None
     typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    business: Annotated[str | None, typer.Option(help="Only this business's keys.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The API's JSON.")] = False,
+) -> None:
+    """List API keys, newest first (their prefixes: keys are stored hashed)."""
+    from services.tenants import repository
+    from services.tenants.schemas import ApiKeyOut
+
+    factory = _prepared_store(_settings())
+    with session_scope(factory) as session:
+        rows, _ = repository.page_api_keys(session, business_id=business, after=None, limit=10_000)
+        keys = [ApiKeyOut.model_validate(k) for k in rows]
+    if as_json:
+        print(json.dumps([k.model_dump(mode="json") for k in keys], indent=2))  # noqa: T201
+        return
+    from rich.table import Table
+
+    table = Table("id", "prefix", "role", "business", "label", "created", "revoked")
+    for k in keys:
+        table.add_row(
+            k.id,
+            k.prefix,
+            k.role,
+            k.business_id or "",
+            k.label or "",
+            f"{k.created_at:%Y-%m-%d %H:%M}",
+            f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "",
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key: every later request with it is a 401."""
+    from services.errors import DomainError
+    from services.tenants.service import revoke_api_key
+
+    factory = _prepared_store(_settings())
+    try:
+        with session_scope(factory) as session:
+            revoke_api_key(session, key_id=key_id, actor=CLI_ACTOR)
+    except DomainError as exc:
+        raise _fail(exc.message) from None
+    out.print(f"key {key_id} revoked")
 
 
 @models_app.command("prepare")

@@ -189,3 +189,34 @@ def test_experiments_results_prints_the_apis_json_and_a_table(embedded: Path) ->
     assert "treatment vs control" in table.output and "sample ratio" in table.output
     missing = runner.invoke(app, ["experiments", "results", "nope"])
     assert missing.exit_code == 2 and "experiment nope not found" in missing.output
+
+
+def test_keys_list_and_revoke_from_the_cli_and_the_api(embedded: Path) -> None:
+    import json
+
+    runner = CliRunner()
+    business_key = runner.invoke(app, ["keys", "create", "--business", "acme"]).stdout.strip()
+    operator_key = runner.invoke(app, ["keys", "create", "--operator"]).stdout.strip()
+    listed = json.loads(runner.invoke(app, ["keys", "list", "--json"]).stdout)
+    assert [k["role"] for k in listed] == ["operator", "business"]  # newest first
+    assert all(business_key not in json.dumps(k) for k in listed)  # never the key itself
+    business_id = next(k["id"] for k in listed if k["role"] == "business")
+    table = runner.invoke(app, ["keys", "list"])
+    assert business_id in table.stdout  # the whole id, even piped
+    with TestClient(create_app(get_settings())) as client:
+        assert client.post("/v1/conversations", json={}, headers=auth(business_key)).is_success
+        mine = client.get("/v1/keys", headers=auth(operator_key)).json()
+        operator_id = next(k["id"] for k in mine["data"] if k["role"] == "operator")
+        self_revoke = client.post(f"/v1/keys/{operator_id}/revoke", headers=auth(operator_key))
+        assert self_revoke.status_code == 409
+        revoked = client.post(f"/v1/keys/{business_id}/revoke", headers=auth(operator_key))
+        assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+        refused = client.post("/v1/conversations", json={}, headers=auth(business_key))
+        assert refused.status_code == 401
+        audit = client.get("/v1/audit", headers=auth(operator_key)).json()["data"]
+        assert [(e["action"], e["subject_id"]) for e in audit] == [("api_key.revoked", business_id)]
+        assert client.get("/v1/keys", headers=auth(business_key)).status_code == 401
+    again = runner.invoke(app, ["keys", "revoke", business_id])
+    assert again.exit_code == 0  # revoking twice is a no-op
+    missing = runner.invoke(app, ["keys", "revoke", "nope"])
+    assert missing.exit_code == 2 and "nope not found" in missing.output

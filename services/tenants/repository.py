@@ -53,3 +53,16 @@ def find_active_key(session: Session, *, key_hash: str) -> ApiKey | None:
     return session.scalars(
         select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
     ).first()
+
+
+def page_api_keys(
+    session: Session, *, business_id: str | None, after: str | None, limit: int
+) -> tuple[list[ApiKey], bool]:
+    query = select(ApiKey)
+    if business_id is not None:
+        query = query.where(ApiKey.business_id == business_id)
+    return newest_first_page(session, query, ApiKey, after=after, limit=limit)
+
+
+def get_api_key(session: Session, *, key_id: str) -> ApiKey | None:
+    return session.get(ApiKey, key_id)

@@ -20,3 +20,17 @@ class BusinessOut(BaseModel):
     name: str
     system_prompt: str | None
     created_at: datetime
+
+
+class ApiKeyOut(BaseModel):
+    """A key as listed: never the key itself (only its hash is stored)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    prefix: str
+    role: str
+    business_id: str | None
+    label: str | None
+    created_at: datetime
+    revoked_at: datetime | None

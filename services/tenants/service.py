@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from services.errors import Forbidden, Invalid, Unauthenticated
+from services.audit import service as audit
+from services.db import utcnow
+from services.errors import Conflict, Forbidden, Invalid, NotFound, Unauthenticated
 from services.tenants import repository
-from services.tenants.models import Business, Role
+from services.tenants.models import ApiKey, Business, Role
 
 KEY_PREFIX = "olk_"
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -91,3 +93,25 @@ def authenticate(session: Session, *, authorization: str | None) -> Principal:
     if key is None:
         raise Unauthenticated("unknown or revoked API key")
     return Principal(role=Role(key.role), business_id=key.business_id, key_id=key.id)
+
+
+def revoke_api_key(session: Session, *, key_id: str, actor: str) -> ApiKey:
+    """Revoke a key at once (every later request with it is a 401); revoking again is a no-op.
+    An operator cannot revoke the key it is calling with (it would lock itself out)."""
+    key = repository.get_api_key(session, key_id=key_id)
+    if key is None:
+        raise NotFound(f"API key {key_id} not found")
+    if key_id == actor:
+        raise Conflict("this is the key making the request; revoke it with another operator key")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+        audit.record(
+            session,
+            actor=actor,
+            action="api_key.revoked",
+            subject_type="api_key",
+            subject_id=key.id,
+            data={"role": key.role, "business_id": key.business_id, "prefix": key.prefix},
+        )
+    return key
