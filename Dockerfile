@@ -15,7 +15,9 @@ RUN pip install --no-cache-dir .
 USER outcomeloop
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
-CMD ["outcomeloop", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
+# One process per container: each has its own Prometheus counters, so Prometheus scrapes every
+# container (not a load balancer) and sums; scale with replicas rather than --workers.
+CMD ["outcomeloop", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "1"]
 
 FROM base AS worker
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu

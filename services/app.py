@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,6 +25,7 @@ from services.db import make_engine, make_session_factory
 from services.errors import (
     HTTP_CODES,
     DomainError,
+    Unauthenticated,
     describe_validation_error,
     error_body,
     validation_param,
@@ -73,6 +75,7 @@ def create_app(
         )
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        metrics.PIPELINE.sessions = app.state.session_factory
         app.state.settings = settings
         app.state.backends = BackendHolder(settings, backend)
         if backend is None:
@@ -131,14 +134,17 @@ def create_app(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        metrics.HTTP_LATENCY.labels(template, request.method).observe(time.perf_counter() - started)
-        metrics.HTTP_REQUESTS.labels(
-            template, request.method, f"{response.status_code // 100}xx"
-        ).inc()
-        return response
+        status = 500  # an exception no handler answered reaches the client as a 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            metrics.HTTP_LATENCY.labels(template, request.method).observe(elapsed)
+            metrics.HTTP_REQUESTS.labels(template, request.method, f"{status // 100}xx").inc()
 
     @app.get("/healthz", tags=["ops"])
     def healthz(request: Request) -> dict[str, str]:
@@ -147,7 +153,16 @@ def create_app(
         return {"status": "ok", "database": request.app.state.engine.dialect.name}
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
-    def prometheus_metrics() -> PlainTextResponse:
+    def prometheus_metrics(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> PlainTextResponse:
+        """Prometheus exposition. It shows counts across tenants: with OUTCOMELOOP_METRICS_TOKEN
+        set, only `Authorization: Bearer <token>` may read it."""
+        token = request.app.state.settings.metrics_token
+        if token and not hmac.compare_digest(authorization or "", f"Bearer {token}"):
+            raise Unauthenticated(
+                "metrics need 'Authorization: Bearer <OUTCOMELOOP_METRICS_TOKEN>'"
+            )
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(conversations_router)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.orm import Session
 
 from services.conversations.models import Message
+from services.iterations import repository as iterations
+
+log = logging.getLogger(__name__)
 
 HTTP_REQUESTS = Counter(
     "outcomeloop_http_requests_total",
@@ -34,9 +44,15 @@ SUGGESTION_LATENCY = Histogram(
     ["arm", "backend"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
 )
-OUTCOMES = Counter("outcomeloop_outcomes_total", "Outcomes recorded.")
+# By experiment and arm (bounded: arms of experiments, not conversations), so that the outcome
+# rate per arm is rate(outcomes) / rate(ended) in Prometheus. "none": no arm served it.
+OUTCOMES = Counter(
+    "outcomeloop_outcomes_total", "Outcomes recorded, by experiment and arm.", ["experiment", "arm"]
+)
 CONVERSATIONS_ENDED = Counter(
-    "outcomeloop_conversations_ended_total", "Conversations closed, by end reason.", ["reason"]
+    "outcomeloop_conversations_ended_total",
+    "Conversations closed, by experiment, arm and end reason.",
+    ["experiment", "arm", "reason"],
 )
 
 
@@ -44,3 +60,64 @@ def record_message(message: Message, arm: str | None) -> None:
     MESSAGES.labels(role=message.role).inc()
     if message.suggestion_relation is not None:
         SUGGESTION_REPLIES.labels(arm=arm or "none", relation=message.suggestion_relation).inc()
+
+
+# The latest iteration's metrics that say whether Q and the candidate can be trusted.
+PIPELINE_METRICS = (
+    "q_auc",
+    "q_rank_corr",
+    "q_rank_corr_lo",
+    "check_gain",
+    "check_gain_lo",
+    "estimate_dr",
+    "kl_ref",
+)
+
+
+class PipelineCollector(Collector):
+    """The policy-iteration pipeline, read from the database at scrape time (so every API
+    process reports the same numbers): iterations by status, the latest duration of each step,
+    and the latest iteration's Q and check metrics."""
+
+    def __init__(self) -> None:
+        self.sessions: Callable[[], Session] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.sessions is None:
+            return
+        try:
+            with self.sessions() as session:
+                statuses = iterations.status_counts(session)
+                durations = iterations.latest_step_durations(session)
+                latest: dict[str, Any] = iterations.latest_metrics(session)
+        except Exception as exc:  # a scrape never fails the API; the gap shows in Grafana
+            log.warning("pipeline metrics unavailable: %s", exc)
+            return
+        by_status = GaugeMetricFamily(
+            "outcomeloop_iterations", "Policy iterations by status.", labels=["status"]
+        )
+        for status, count in sorted(statuses.items()):
+            by_status.add_metric([status], count)
+        yield by_status
+        steps = GaugeMetricFamily(
+            "outcomeloop_iteration_step_seconds",
+            "Seconds the most recently finished run of each pipeline step took.",
+            labels=["step"],
+        )
+        for step, seconds in sorted(durations.items()):
+            steps.add_metric([step], seconds)
+        yield steps
+        values = GaugeMetricFamily(
+            "outcomeloop_latest_iteration_metric",
+            "Q and candidate-check metrics of the latest iteration that has them.",
+            labels=["metric"],
+        )
+        for name in PIPELINE_METRICS:
+            value = latest.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                values.add_metric([name], float(value))
+        yield values
+
+
+PIPELINE = PipelineCollector()
+REGISTRY.register(PIPELINE)

@@ -137,6 +137,11 @@ class Settings(BaseSettings):
         ge=1,
         description="A running step not finished after this long is taken over by a redelivery.",
     )
+    metrics_token: str | None = Field(
+        default=None,
+        description="When set, GET /metrics needs 'Authorization: Bearer <token>' (it shows "
+        "counts across tenants).",
+    )
     beat_interval_s: float = Field(
         default=3600.0, gt=0, description="How often beat checks for enough new data."
     )

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response, status
 from services import metrics
 from services.conversations import schemas, service
 from services.deps import BusinessIdDep, SessionDep, SettingsDep
+from services.experiments.service import arm_labels
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
@@ -98,7 +99,11 @@ def record_outcome(
     session.commit()
     _mark(response, written.replayed)
     if not written.replayed:
-        metrics.OUTCOMES.inc()
+        conversation = service.get_conversation(
+            session, business_id=business_id, conversation_id=conversation_id
+        )
+        experiment, arm = arm_labels(session, arm_id=conversation.arm_id)
+        metrics.OUTCOMES.labels(experiment=experiment, arm=arm).inc()
     return schemas.OutcomeOut.model_validate(written.row)
 
 
@@ -116,5 +121,8 @@ def close_conversation(
     session.commit()
     _mark(response, written.replayed)
     if not written.replayed:
-        metrics.CONVERSATIONS_ENDED.labels(reason=body.reason.value).inc()
+        experiment, arm = arm_labels(session, arm_id=written.row.arm_id)
+        metrics.CONVERSATIONS_ENDED.labels(
+            experiment=experiment, arm=arm, reason=body.reason.value
+        ).inc()
     return schemas.ConversationSummary.model_validate(written.row)

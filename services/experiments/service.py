@@ -252,3 +252,11 @@ def serve_conversation(session: Session, *, conversation: Conversation) -> Serve
 
 def _unit_id(experiment: Experiment, conversation: Conversation) -> str:
     return conversation.id if experiment.unit == "conversation" else conversation.business_id
+
+
+def arm_labels(session: Session, *, arm_id: str | None) -> tuple[str, str]:
+    """(experiment id, arm name) for metric labels; ("none", "none") without an arm."""
+    if arm_id is None:
+        return "none", "none"
+    arm = repository.get_arm(session, arm_id=arm_id)
+    return ("none", "none") if arm is None else (arm.experiment_id, arm.name)

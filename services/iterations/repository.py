@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -84,3 +85,37 @@ def page_events(
         query = query.where(IterationEvent.seq > after)
     rows = list(session.scalars(query))
     return rows[:limit], len(rows) > limit
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    """Iterations per status."""
+    rows = session.execute(select(Iteration.status, func.count()).group_by(Iteration.status))
+    return {str(status): int(count) for status, count in rows}
+
+
+def latest_step_durations(session: Session) -> dict[str, float]:
+    """Per step: seconds its most recently finished run took."""
+    latest = (
+        select(IterationStep.step, func.max(IterationStep.finished_at).label("finished"))
+        .where(IterationStep.status == "done", IterationStep.finished_at.is_not(None))
+        .group_by(IterationStep.step)
+        .subquery()
+    )
+    rows = session.execute(
+        select(IterationStep.step, IterationStep.started_at, IterationStep.finished_at).join(
+            latest,
+            (IterationStep.step == latest.c.step)
+            & (IterationStep.finished_at == latest.c.finished),
+        )
+    )
+    return {
+        str(step): (finished - started).total_seconds()
+        for step, started, finished in rows
+        if started is not None and finished is not None
+    }
+
+
+def latest_metrics(session: Session) -> dict[str, Any]:
+    """The metrics of the most recent of the last 20 iterations that has any."""
+    rows = session.scalars(select(Iteration).order_by(Iteration.created_at.desc()).limit(20))
+    return next((dict(row.metrics) for row in rows if row.metrics), {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from services.db import session_scope
 from tests.conftest import Store, auth
 from tests.factories import logged_suggestion, new_conversation, say
 
@@ -288,3 +289,58 @@ def test_every_error_is_structured_with_a_code_a_message_and_the_param(
     }
     unauthenticated = client.get("/v1/conversations/nope")
     assert unauthenticated.json()["error"]["code"] == "unauthenticated"
+
+
+def test_metrics_count_crashes_label_outcomes_by_arm_and_can_need_a_token(store: Store) -> None:
+    from services.app import create_app
+    from services.experiments.service import ArmSpec, create_experiment
+    from services.policies.models import PolicyStatus
+    from services.policies.service import register_policy
+
+    settings = store.settings.model_copy(update={"metrics_token": "s3cret"})
+    app = create_app(settings)
+
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+    business, key = store.business_key()
+    with session_scope(store.factory) as session:
+        register_policy(
+            session,
+            policy_id=f"m-{business}",
+            base_model="b",
+            adapter_uri="a",
+            status=PolicyStatus.APPROVED,
+        )
+        experiment = create_experiment(
+            session, name="ab", business_id=business, arms=[ArmSpec("solo", f"m-{business}", 1)]
+        ).id
+        from services.iterations.schemas import parse_iteration_request
+        from services.iterations.service import create_iteration
+
+        request = parse_iteration_request({"algorithm": "ppo", "parent_policy_id": f"m-{business}"})
+        create_iteration(session, settings=settings, request=request)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/boom").status_code == 500
+        cid = new_conversation(client, key)
+        say(client, key, cid, "customer", "hi")
+        with session_scope(store.factory) as session:
+            from services.conversations.models import Conversation
+            from services.experiments.service import serve_conversation
+
+            conversation = session.get(Conversation, cid)
+            assert conversation is not None
+            serve_conversation(session, conversation=conversation)
+        h = auth(key)
+        client.post(f"/v1/conversations/{cid}/outcome", json={}, headers=h)
+        client.post(f"/v1/conversations/{cid}/close", json={"reason": "outcome"}, headers=h)
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+        text = client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).text
+    assert 'outcomeloop_http_requests_total{method="GET",route="/boom",status="5xx"}' in text
+    labels = f'experiment="{experiment}"'
+    assert f'outcomeloop_outcomes_total{{arm="solo",{labels}}} 1.0' in text
+    assert f'outcomeloop_conversations_ended_total{{arm="solo",{labels},reason="outcome"}}' in text
+    queued = [line for line in text.splitlines() if line.startswith("outcomeloop_iterations{")]
+    assert any('status="queued"' in line and float(line.split()[-1]) >= 1 for line in queued)
