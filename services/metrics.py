@@ -11,7 +11,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session
 
+from services.audit import repository as audit
 from services.conversations.models import Message
+from services.experiments import repository as experiments
+from services.experiments.statistics import sample_ratio_mismatch
 from services.iterations import repository as iterations
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,16 @@ class PipelineCollector(Collector):
                 statuses = iterations.status_counts(session)
                 durations = iterations.latest_step_durations(session)
                 latest: dict[str, Any] = iterations.latest_metrics(session)
+                decisions = audit.action_counts(session)
+                srm = {}
+                for experiment in experiments.list_experiments(session, status="running"):
+                    if len(experiment.arms) < 2:
+                        continue
+                    units = experiments.arm_units(session, experiment_id=experiment.id)
+                    srm[experiment.id] = sample_ratio_mismatch(
+                        [units.get(a.name, 0) for a in experiment.arms],
+                        [a.weight for a in experiment.arms],
+                    ).p_value
         except Exception as exc:  # a scrape never fails the API; the gap shows in Grafana
             log.warning("pipeline metrics unavailable: %s", exc)
             return
@@ -117,6 +130,23 @@ class PipelineCollector(Collector):
             if isinstance(value, int | float) and not isinstance(value, bool):
                 values.add_metric([name], float(value))
         yield values
+        ratio = GaugeMetricFamily(
+            "outcomeloop_experiment_srm_p_value",
+            "Sample-ratio check of each running experiment with two arms or more: the p-value "
+            "of its arms' units against their weights (below 0.001: assignment is broken).",
+            labels=["experiment"],
+        )
+        for experiment_id, p_value in sorted(srm.items()):
+            ratio.add_metric([experiment_id], p_value)
+        yield ratio
+        made = GaugeMetricFamily(
+            "outcomeloop_decisions",
+            "Operator and guardrail decisions recorded in the audit trail, by action.",
+            labels=["action"],
+        )
+        for action, count in sorted(decisions.items()):
+            made.add_metric([action], count)
+        yield made
 
 
 PIPELINE = PipelineCollector()

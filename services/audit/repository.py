@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.audit.models import AuditEvent
@@ -21,3 +21,9 @@ def page(session: Session, *, after: int | None, limit: int) -> Sequence[AuditEv
     if after is not None:
         query = query.where(AuditEvent.id > after)
     return session.scalars(query).all()
+
+
+def action_counts(session: Session) -> dict[str, int]:
+    """Decisions recorded, per action."""
+    rows = session.execute(select(AuditEvent.action, func.count()).group_by(AuditEvent.action))
+    return {str(action): int(count) for action, count in rows}
