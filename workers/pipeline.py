@@ -456,6 +456,11 @@ def run_step(
         result, metrics = STEPS[step](
             Context(factory, settings, iteration, start.attempt, progress)
         )
+    except service.IterationCancelled:
+        log.info("iteration %s: %s stopped, the iteration was cancelled", iteration_id, step.value)
+        with session_scope(factory) as session:
+            service.abandon_step(session, iteration_id=iteration_id, step=step)
+        return None
     except Exception as exc:
         log.exception("iteration %s step %s failed", iteration_id, step.value)
         with session_scope(factory) as session:

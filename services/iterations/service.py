@@ -299,6 +299,21 @@ def check_summary(metrics: dict[str, Any]) -> str:
     )
 
 
+def abandon_step(session: Session, *, iteration_id: str, step: Step) -> None:
+    """Close the step row of a cancelled iteration (which stays cancelled)."""
+    iteration = _locked(session, iteration_id)
+    row = repository.get_step(session, iteration_id=iteration.id, step=step.value)
+    if row is not None and row.status == "running":
+        row.status = "failed"
+        row.error = "cancelled by an operator"
+        row.finished_at = utcnow()
+        row.lease_expires_at = None
+    add_event(
+        session, iteration, "step_stopped", f"{step.value} stopped: the iteration is cancelled"
+    )
+    session.flush()
+
+
 def fail_step(session: Session, *, iteration_id: str, step: Step, error: str) -> None:
     iteration = _locked(session, iteration_id)
     row = repository.get_step(session, iteration_id=iteration.id, step=step.value)
@@ -316,8 +331,16 @@ def fail_step(session: Session, *, iteration_id: str, step: Step, error: str) ->
     session.flush()
 
 
+class IterationCancelled(Exception):
+    """Raised at a running step's next progress report after an operator cancelled it."""
+
+
 def set_progress(session: Session, *, iteration_id: str, step: Step, fraction: float) -> None:
+    """Record a running step's progress; IterationCancelled when the iteration was cancelled
+    meanwhile, which stops the step where it reports (PPO reports after every update)."""
     iteration = _locked(session, iteration_id)
+    if iteration.status == IterationStatus.CANCELLED.value:
+        raise IterationCancelled(f"iteration {iteration_id} was cancelled during {step.value}")
     if iteration.current_step != step.value:
         return
     base = PIPELINE.index(step) if step in PIPELINE else len(PIPELINE)

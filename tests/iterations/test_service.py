@@ -168,3 +168,33 @@ def test_failure_retry_approve_and_reject(store: Store) -> None:
     with session_scope(store.factory) as session:
         service.cancel(session, iteration_id=other)
     assert _begin(store, other, Step.RETURNS) == "skip", "cancelled iterations do no work"
+
+
+def test_cancel_stops_a_running_step_at_its_next_progress_report(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers import pipeline
+
+    iteration_id = _iteration(store)
+    reports: list[float] = []
+
+    def slow_returns(ctx: pipeline.Context) -> tuple[dict[str, object], dict[str, object]]:
+        ctx.progress(0.1)
+        reports.append(0.1)
+        with session_scope(store.factory) as session:  # an operator cancels meanwhile
+            service.cancel(session, iteration_id=iteration_id, actor="op-key")
+        for fraction in (0.5, 0.9):
+            ctx.progress(fraction)
+            reports.append(fraction)
+        return {"never": True}, {}
+
+    monkeypatch.setitem(pipeline.STEPS, Step.RETURNS, slow_returns)
+    following = pipeline.run_step(store.factory, store.settings, iteration_id, Step.RETURNS)
+    assert following is None and reports == [0.1]  # stopped at the first report after cancel
+    with session_scope(store.factory) as session:
+        iteration = service.get_iteration(session, iteration_id=iteration_id)
+        assert iteration.status == "cancelled"
+        step = repository.get_step(session, iteration_id=iteration_id, step=Step.RETURNS.value)
+        assert step is not None and step.status == "failed"
+        assert step.error == "cancelled by an operator"
+        assert [e.kind for e in iteration.events][-2:] == ["cancelled", "step_stopped"]
