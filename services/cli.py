@@ -51,6 +51,17 @@ err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 
 
+def _print_json(value: object) -> None:
+    """Plain JSON on stdout (no colours, no wrapping): for pipes and scripts."""
+    from pydantic import BaseModel
+
+    def plain(item: object) -> object:
+        return item.model_dump(mode="json") if isinstance(item, BaseModel) else item
+
+    data = [plain(v) for v in value] if isinstance(value, list) else plain(value)
+    print(json.dumps(data, indent=2))  # noqa: T201
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
@@ -135,7 +146,7 @@ def keys_list(
         rows, _ = repository.page_api_keys(session, business_id=business, after=None, limit=10_000)
         keys = [ApiKeyOut.model_validate(k) for k in rows]
     if as_json:
-        print(json.dumps([k.model_dump(mode="json") for k in keys], indent=2))  # noqa: T201
+        _print_json(keys)
         return
     from rich.table import Table
 
@@ -196,17 +207,24 @@ def models_prepare() -> None:
 
 
 @policies_app.command("list")
-def policies_list() -> None:
+def policies_list(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, as the API answers.")] = False,
+) -> None:
     """List registered policies with their lineage and status."""
     from rich.table import Table
 
     from services.policies import repository
+    from services.policies.schemas import PolicyOut
 
     factory = _prepared_store(_settings())
-    table = Table("id", "status", "parent", "iteration", "adapter")
     with session_scope(factory) as session:
-        for p in repository.list_policies(session):
-            table.add_row(p.id, p.status, p.parent_id or "", p.iteration_id or "", p.adapter_uri)
+        policies = [PolicyOut.model_validate(p) for p in repository.list_policies(session)]
+    if as_json:
+        _print_json(policies)
+        return
+    table = Table("id", "status", "parent", "iteration", "adapter")
+    for p in policies:
+        table.add_row(p.id, p.status, p.parent_id or "", p.iteration_id or "", p.adapter_uri)
     out.print(table)
 
 
@@ -260,6 +278,7 @@ def experiments_create(
     business: Annotated[str | None, typer.Option(help="Scope; default: all businesses.")] = None,
     unit: Annotated[str, typer.Option(help="conversation | business")] = "conversation",
     epsilon: Annotated[float, typer.Option(help="Persona exploration probability.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, as the API answers.")] = False,
 ) -> None:
     """Start an A/B experiment (one running experiment per scope)."""
     from services.errors import DomainError
@@ -278,24 +297,36 @@ def experiments_create(
                 exploration={"epsilon": epsilon} if epsilon > 0 else None,
                 actor=CLI_ACTOR,
             )
-            out.print(f"experiment {experiment.id} running for {experiment.scope}")
+            if as_json:
+                from services.experiments.schemas import ExperimentOut
+
+                _print_json(ExperimentOut.model_validate(experiment))
+            else:
+                out.print(f"experiment {experiment.id} running for {experiment.scope}")
     except DomainError as exc:
         raise _fail(exc.message) from None
 
 
 @experiments_app.command("list")
-def experiments_list() -> None:
+def experiments_list(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, as the API answers.")] = False,
+) -> None:
     """List experiments and their arms."""
     from rich.table import Table
 
     from services.experiments import repository
+    from services.experiments.schemas import ExperimentOut
 
     factory = _prepared_store(_settings())
-    table = Table("id", "name", "scope", "status", "arms (policy:weight)")
     with session_scope(factory) as session:
-        for e in repository.list_experiments(session):
-            arms = ", ".join(f"{a.name}={a.policy_id}:{a.weight:g}" for a in e.arms)
-            table.add_row(e.id, e.name, e.scope, e.status, arms)
+        rows = [ExperimentOut.model_validate(e) for e in repository.list_experiments(session)]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "name", "scope", "status", "arms (policy:weight)")
+    for e in rows:
+        arms = ", ".join(f"{a.name}={a.policy_id}:{a.weight:g}" for a in e.arms)
+        table.add_row(e.id, e.name, e.scope, e.status, arms)
     out.print(table)
 
 
@@ -343,7 +374,7 @@ def experiments_results(
     except DomainError as exc:
         raise _fail(exc.message) from None
     if as_json:
-        print(results.model_dump_json(indent=2))  # noqa: T201 (plain stdout for pipes)
+        _print_json(results)
         return
     arms = Table("arm", "policy", "units", "ended", "outcomes", "rate (95% CI)", "accepted")
     for arm in results.arms:
@@ -548,22 +579,40 @@ def iterate_create(
 
 
 @iterate_app.command("list")
-def iterate_list() -> None:
+def iterate_list(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, as the API answers.")] = False,
+) -> None:
     """List iterations, newest first."""
     from services.iterations import repository
+    from services.iterations.schemas import IterationOut
 
     factory = _prepared_store(_settings())
     with session_scope(factory) as session:
-        out.print(_iteration_table(repository.list_iterations(session)))
+        rows = repository.list_iterations(session)
+        if as_json:
+            _print_json([IterationOut.model_validate(i) for i in rows])
+            return
+        out.print(_iteration_table(rows))
 
 
 @iterate_app.command("show")
-def iterate_show(iteration_id: str) -> None:
+def iterate_show(
+    iteration_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, as the API answers.")] = False,
+) -> None:
     """An iteration's status, metrics and latest events."""
     from services.errors import DomainError
+    from services.iterations.schemas import IterationOut
+    from services.iterations.service import get_iteration
 
     factory = _prepared_store(_settings())
     try:
+        if as_json:
+            with session_scope(factory) as session:
+                _print_json(
+                    IterationOut.model_validate(get_iteration(session, iteration_id=iteration_id))
+                )
+            return
         _show_iteration(factory, iteration_id)
     except DomainError as exc:
         raise _fail(exc.message) from None

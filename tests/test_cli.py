@@ -220,3 +220,36 @@ def test_keys_list_and_revoke_from_the_cli_and_the_api(embedded: Path) -> None:
     assert again.exit_code == 0  # revoking twice is a no-op
     missing = runner.invoke(app, ["keys", "revoke", "nope"])
     assert missing.exit_code == 2 and "nope not found" in missing.output
+
+
+def test_lists_and_shows_print_json_for_scripts(embedded: Path) -> None:
+    import json
+
+    from services.db import session_scope
+    from services.policies.models import PolicyStatus
+    from services.policies.service import register_policy
+
+    runner = CliRunner()
+    operator = runner.invoke(app, ["keys", "create", "--operator"]).stdout.strip()
+    with TestClient(create_app(get_settings())) as client:
+        with session_scope(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+            register_policy(
+                session,
+                policy_id="pi0",
+                base_model="b",
+                adapter_uri="a",
+                status=PolicyStatus.APPROVED,
+            )
+        created = runner.invoke(
+            app, ["experiments", "create", "--name", "ab", "--arm", "control=pi0", "--json"]
+        )
+        assert created.exit_code == 0, created.output
+        experiment = json.loads(created.stdout)
+        api = client.get("/v1/experiments", headers=auth(operator)).json()["data"]
+        assert [experiment] == api
+        policies = client.get("/v1/policies", headers=auth(operator)).json()["data"]
+    assert json.loads(runner.invoke(app, ["experiments", "list", "--json"]).stdout) == api
+    assert json.loads(runner.invoke(app, ["policies", "list", "--json"]).stdout) == policies
+    assert json.loads(runner.invoke(app, ["iterate", "list", "--json"]).stdout) == []
+    missing = runner.invoke(app, ["iterate", "show", "nope", "--json"])
+    assert missing.exit_code == 2
