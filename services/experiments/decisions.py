@@ -9,6 +9,7 @@ from services.errors import Conflict, Invalid
 from services.experiments import report, repository
 from services.experiments.models import GLOBAL_SCOPE, Experiment
 from services.experiments.service import ArmSpec, create_experiment, get_experiment, stop_experiment
+from services.experiments.statistics import sequential_interval_means
 
 GUARDRAIL_ACTOR = "guardrail"
 GUARDRAIL_TASK = "outcomeloop.experiments.check_guardrails"  # Celery beat (workers/tasks.py)
@@ -61,26 +62,30 @@ def promote(
 
 
 def check_guardrails(session: Session, *, experiment_id: str) -> Experiment | None:
-    """Roll the experiment back to control when an arm's outcome rate is significantly worse
-    than control's by the always-valid interval (so checking on every beat keeps its error
-    rate). Returns the experiment now serving control, or None when nothing fired."""
+    """Roll the experiment back to control when an arm's outcome rate, or its conversations'
+    share of accepted suggestions, is significantly below control's by the always-valid
+    interval (so checking on every beat keeps its error rate). Returns the experiment now
+    serving control, or None when nothing fired."""
     experiment = get_experiment(session, experiment_id=experiment_id)
     if experiment.status != "running" or len(experiment.arms) < 2:
         return None
     results = report.full_results(session, experiment_id=experiment_id)
-    worse = [c for c in results.comparisons if c.sequential_verdict == "worse"]
+    worse: list[dict[str, object]] = [
+        {
+            "arm": c.treatment,
+            "metric": "outcome_rate",
+            "difference": c.difference,
+            "sequential_interval": list(c.sequential_interval),
+        }
+        for c in results.comparisons
+        if c.sequential_verdict == "worse"
+    ]
+    worse += _worse_acceptance(session, experiment_id, results.control)
     if not worse:
         return None
     evidence: dict[str, object] = {
-        "reason": "outcome rate significantly below control's (always-valid 95% interval)",
-        "worse": [
-            {
-                "arm": c.treatment,
-                "difference": c.difference,
-                "sequential_interval": list(c.sequential_interval),
-            }
-            for c in worse
-        ],
+        "reason": "significantly below control (always-valid 95% interval)",
+        "worse": worse,
     }
     return promote(
         session,
@@ -90,6 +95,44 @@ def check_guardrails(session: Session, *, experiment_id: str) -> Experiment | No
         action="experiment.rolled_back",
         evidence=evidence,
     )
+
+
+def _worse_acceptance(
+    session: Session, experiment_id: str, control: str
+) -> list[dict[str, object]]:
+    """Arms whose conversations accept suggestions significantly less than control's: each
+    conversation's share of accepted replies is the unit, compared by the always-valid interval
+    of a difference of means."""
+    shares = {
+        arm: [yes / total for yes, total in rows]
+        for arm, rows in repository.conversation_acceptance(
+            session, experiment_id=experiment_id
+        ).items()
+    }
+    if control not in shares:
+        return []
+
+    def moments(values: list[float]) -> tuple[float, float, int]:
+        mean = sum(values) / len(values)
+        return mean, sum((v - mean) ** 2 for v in values) / len(values), len(values)
+
+    mean_c, var_c, n_c = moments(shares[control])
+    worse: list[dict[str, object]] = []
+    for arm, values in shares.items():
+        if arm == control:
+            continue
+        mean_t, var_t, n_t = moments(values)
+        low, high = sequential_interval_means(mean_t, var_t, n_t, mean_c, var_c, n_c)
+        if high < 0:
+            worse.append(
+                {
+                    "arm": arm,
+                    "metric": "acceptance_rate",
+                    "difference": mean_t - mean_c,
+                    "sequential_interval": [low, high],
+                }
+            )
+    return worse
 
 
 def check_all_guardrails(session: Session) -> list[str]:

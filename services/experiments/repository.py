@@ -124,3 +124,24 @@ def arm_suggestions(session: Session, *, experiment_id: str) -> dict[str, tuple[
     return {
         str(name): (int(count), None if mean is None else float(mean)) for name, count, mean in rows
     }
+
+
+def conversation_acceptance(
+    session: Session, *, experiment_id: str
+) -> dict[str, list[tuple[int, int]]]:
+    """Per arm: (accepted, replies) of each conversation with at least one reply to a
+    suggestion (the unit of the acceptance guardrail: replies within a conversation are not
+    independent)."""
+    accepted = func.sum(case((Message.suggestion_relation == "accepted", 1), else_=0))
+    rows = session.execute(
+        select(Arm.name, Conversation.id, accepted, func.count())
+        .select_from(Message)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .join(Arm, Arm.id == Conversation.arm_id)
+        .where(Arm.experiment_id == experiment_id, Message.suggestion_relation.is_not(None))
+        .group_by(Arm.name, Conversation.id)
+    )
+    out: dict[str, list[tuple[int, int]]] = {}
+    for arm, _, yes, total in rows:
+        out.setdefault(str(arm), []).append((int(yes or 0), int(total)))
+    return out

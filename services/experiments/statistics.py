@@ -212,16 +212,36 @@ def sequential_interval(
     if not n_t or not n_c:
         return -1.0, 1.0
     p_t, p_c = successes_t / n_t, successes_c / n_c
+    return sequential_interval_means(
+        p_t, p_t * (1 - p_t), n_t, p_c, p_c * (1 - p_c), n_c, alpha, tuning_n
+    )
+
+
+def sequential_interval_means(
+    mean_t: float,
+    variance_t: float,
+    n_t: int,
+    mean_c: float,
+    variance_c: float,
+    n_c: int,
+    alpha: float = 0.05,
+    tuning_n: int = SEQUENTIAL_TUNING_N,
+) -> tuple[float, float]:
+    """The same always-valid interval for a difference of means of per-unit values in [0, 1]
+    (e.g. each conversation's share of accepted suggestions), from each arm's mean, variance
+    and number of units."""
+    if not n_t or not n_c:
+        return -1.0, 1.0
     n = n_t + n_c
-    variance = p_t * (1 - p_t) / n_t + p_c * (1 - p_c) / n_c
-    if variance == 0:  # all 0 or all 1 so far: no spread to scale by; a plug-in floor
+    variance = variance_t / n_t + variance_c / n_c
+    if variance == 0:  # no spread yet (all 0 or all 1): a plug-in floor, the largest in [0, 1]
         variance = 0.25 * (1 / n_t + 1 / n_c)
     sigma = math.sqrt(n * variance)
     rho2 = sequential_rho(alpha, tuning_n) ** 2
     half = sigma * math.sqrt(
         2 * (n * rho2 + 1) / (n * n * rho2) * math.log(math.sqrt(n * rho2 + 1) / alpha)
     )
-    d = p_t - p_c
+    d = mean_t - mean_c
     return max(-1.0, d - half), min(1.0, d + half)
 
 

@@ -13,6 +13,7 @@ from services.conversations.service import (
     close_conversation,
     create_conversation,
     record_outcome,
+    record_suggestion,
 )
 from services.db import session_scope
 from services.experiments.decisions import check_all_guardrails
@@ -45,7 +46,12 @@ def _experiment(store: Store, business: str, weights: tuple[float, float] = (1, 
 
 
 def _traffic(
-    store: Store, business: str, n: int, wins: Callable[[str, int], bool], close: bool = True
+    store: Store,
+    business: str,
+    n: int,
+    wins: Callable[[str, int], bool],
+    close: bool = True,
+    accepts: Callable[[str, int], bool] | None = None,
 ) -> dict[str, int]:
     """n conversations through the service layer, each served by its arm; `wins(arm, i)` says
     whether it reaches the outcome. Returns the conversations per arm."""
@@ -63,6 +69,24 @@ def _traffic(
             )
             arm = serve_conversation(session, conversation=conversation).arm.name
             per_arm[arm] = per_arm.get(arm, 0) + 1
+            if accepts is not None:
+                suggestion = record_suggestion(
+                    session,
+                    settings=store.settings,
+                    business_id=business,
+                    conversation_id=conversation.id,
+                    text="We fit kitchens.",
+                    arm=arm,
+                ).row
+                append_message(
+                    session,
+                    settings=store.settings,
+                    business_id=business,
+                    conversation_id=conversation.id,
+                    role=Speaker.BUSINESS,
+                    text="We fit kitchens." if accepts(arm, i) else "Sorry, we do not.",
+                    suggestion_id=suggestion.id,
+                )
             if not close:
                 continue
             won = wins(arm, i)
@@ -180,7 +204,11 @@ def test_the_guardrail_rolls_a_worse_treatment_back_to_control(
     old = client.get(f"/v1/experiments/{experiment_id}", headers=auth(operator)).json()
     assert old["status"] == "stopped"
     assert _traffic(store, business, 4, lambda arm, i: False, close=False) == {"control": 4}
-    rolled = [e for e in _audit(client, operator) if e["action"] == "experiment.rolled_back"]
+    rolled = [
+        e
+        for e in _audit(client, operator)
+        if e["action"] == "experiment.rolled_back" and e["subject_id"] == experiment_id
+    ]
     assert len(rolled) == 1 and rolled[0]["actor"] == "guardrail"
     assert rolled[0]["subject_id"] == experiment_id
     assert rolled[0]["data"]["worse"][0]["arm"] == "treatment"  # type: ignore[index]
@@ -237,3 +265,32 @@ def test_cancelling_an_iteration_over_the_api_is_audited(store: Store, client: T
     (event,) = [e for e in _audit(client, operator) if e["subject_id"] == iteration_id]
     assert event["action"] == "iteration.cancelled" and event["subject_type"] == "iteration"
     assert event["actor"] not in ("system", "cli")
+
+
+def test_the_guardrail_rolls_back_when_suggestions_stop_being_accepted(
+    store: Store, client: TestClient
+) -> None:
+    business, _ = store.business_key()
+    operator = store.operator_key()
+    experiment_id = _experiment(store, business)
+    # Same outcome rates; treatment's suggestions are never used as they are.
+    _traffic(
+        store,
+        business,
+        80,
+        lambda arm, i: i % 4 == 0,
+        accepts=lambda arm, i: arm == "control",
+    )
+    results = client.get(f"/v1/experiments/{experiment_id}/results", headers=auth(operator))
+    arms = {a["name"]: a for a in results.json()["arms"]}
+    assert arms["control"]["reply_rates"]["accepted"] == 1.0
+    assert arms["treatment"]["reply_rates"]["accepted"] == 0.0
+    with session_scope(store.factory) as session:
+        assert check_all_guardrails(session) == [experiment_id]
+    (rolled,) = [
+        e
+        for e in _audit(client, operator)
+        if e["action"] == "experiment.rolled_back" and e["subject_id"] == experiment_id
+    ]
+    (worse,) = rolled["data"]["worse"]  # type: ignore[index]
+    assert worse["metric"] == "acceptance_rate" and worse["arm"] == "treatment"

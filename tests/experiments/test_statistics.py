@@ -156,3 +156,30 @@ def test_the_sequential_interval_has_power_at_ten_points() -> None:
     80% of 300; the fixed-horizon test, peeking, 99%; A/A: 0.5% against 31%)."""
     rates = _daily_peeks(0.3, 0.2, 300, seed=2)
     assert rates["sequential"] >= 0.75, rates
+
+
+def test_the_sequential_interval_of_means_keeps_its_error_rate_under_daily_peeking() -> None:
+    """A/A on per-conversation shares (Beta(2, 3) per conversation, mean 0.4), 30 daily looks
+    at 20 conversations per arm and day: the interval excludes no difference in at most 5%."""
+    from services.experiments.statistics import sequential_interval_means
+
+    rng = np.random.default_rng(4)
+    experiments, days, per_day = 400, 30, 20
+    errors = 0
+    for _ in range(experiments):
+        t = rng.beta(2, 3, days * per_day)
+        c = rng.beta(2, 3, days * per_day)
+        for d in range(1, days + 1):
+            n = d * per_day
+            low, high = sequential_interval_means(
+                float(t[:n].mean()),
+                float(t[:n].var()),
+                n,
+                float(c[:n].mean()),
+                float(c[:n].var()),
+                n,
+            )
+            if not low <= 0 <= high:
+                errors += 1
+                break
+    assert _upper_bound(errors / experiments, experiments) <= 0.05, errors
