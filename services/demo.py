@@ -170,6 +170,23 @@ class ScoreSummary:
         variance = sum((v - mean) ** 2 for v in values) / (n - 1)
         return cls(n, mean, math.sqrt(variance / n))
 
+    @classmethod
+    def clustered(cls, groups: list[list[float]]) -> ScoreSummary:
+        """The mean over every value, with a standard error that treats each group (a
+        conversation's suggestions, which share a customer) as the independent unit: the
+        cluster-robust variance of a ratio mean, G / (G - 1) * sum_g (S_g - mean n_g)^2 / N^2
+        (sums S_g and sizes n_g of the G non-empty groups, N values in all)."""
+        groups = [g for g in groups if g]
+        n = sum(len(g) for g in groups)
+        if n == 0:
+            return cls(0, math.nan, math.nan)
+        mean = sum(sum(g) for g in groups) / n
+        if len(groups) < 2:
+            return cls(n, mean, math.nan)
+        spread = sum((sum(g) - mean * len(g)) ** 2 for g in groups)
+        k = len(groups)
+        return cls(n, mean, math.sqrt(k / (k - 1) * spread) / n)
+
     @property
     def low(self) -> float:
         """Lower end of the normal 95% interval of the mean."""
@@ -531,11 +548,12 @@ def _phase(
     records = _traffic(base_url, key, scenario, config, config.seed + 7919 * index, tick)
     with session_scope(factory) as session:
         arms = experiment_results(session, experiment_id=experiment_id)
-    by_arm: dict[str, list[float]] = {}
+    by_arm: dict[str, list[list[float]]] = {}
     for record in records:
         if record.arm is not None:
-            by_arm.setdefault(record.arm, []).extend(record.suggestion_scores)
-    scores = {arm: ScoreSummary.of(values) for arm, values in by_arm.items()}
+            by_arm.setdefault(record.arm, []).append(list(record.suggestion_scores))
+    # A conversation's suggestions share one customer: the conversation is the unit.
+    scores = {arm: ScoreSummary.clustered(groups) for arm, groups in by_arm.items()}
     return Phase(name, experiment_id, arms, time.monotonic() - started, scores)
 
 

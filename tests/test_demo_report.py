@@ -176,3 +176,27 @@ def test_differences_are_points_and_compare_the_arms_of_one_ab() -> None:
     said = verdict(ab)
     assert "+15.0 pp" in said and "%" not in said.split("pp")[0]
     assert "detects (80% power) only lifts of" in said
+
+
+def test_clustered_score_summary_treats_each_conversation_as_the_unit() -> None:
+    from services.demo import ScoreSummary
+
+    # Equal-size groups: the standard error of the G group means (the definition).
+    groups = [[0.1, 0.3], [0.5, 0.7], [-0.2, 0.0], [0.9, 1.1]]
+    means = [sum(g) / len(g) for g in groups]
+    grand = sum(means) / len(means)
+    se_of_means = math.sqrt(sum((m - grand) ** 2 for m in means) / (len(means) - 1) / len(means))
+    summary = ScoreSummary.clustered(groups)
+    assert summary.n == 8 and summary.mean == pytest.approx(grand)
+    assert summary.se == pytest.approx(se_of_means)
+    # Values alike within a conversation: wider than the per-suggestion interval, which
+    # counts every suggestion as independent.
+    assert summary.se > ScoreSummary.of([v for g in groups for v in g]).se
+    # Unequal sizes: the ratio mean, and the cluster-robust variance written out.
+    uneven = [[1.0], [0.0, 0.0, 0.0], [0.5, 0.5]]
+    total = sum(len(g) for g in uneven)
+    mean = sum(sum(g) for g in uneven) / total
+    variance = 3 / 2 * sum((sum(g) - mean * len(g)) ** 2 for g in uneven) / total**2
+    result = ScoreSummary.clustered([*uneven, []])
+    assert result.mean == pytest.approx(mean) and result.se == pytest.approx(math.sqrt(variance))
+    assert math.isnan(ScoreSummary.clustered([[1.0, 2.0]]).se)
