@@ -5,6 +5,7 @@ scraping a live API under a little traffic: every panel's query and every alert'
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -111,7 +112,6 @@ def test_every_panel_and_alert_returns_data_from_a_live_api(
     base, workdir = prometheus
     store = sqlite_store
     business, key = store.business_key()
-    operator = store.operator_key()
     suffix = uuid.uuid4().hex[:6]
     with session_scope(store.factory) as session:
         for name, adapter in (("control", "zero"), ("treatment", "noisy")):
@@ -174,16 +174,27 @@ def test_every_panel_and_alert_returns_data_from_a_live_api(
                 assert process.poll() is None, (workdir / "prometheus.log").read_text()
                 assert time.monotonic() < deadline, (workdir / "prometheus.log").read_text()
                 time.sleep(0.5)
-            _traffic(api, key, operator, store)
+            # Twice, scrapes between: a series' first sample already holds its first
+            # increments, so only what happens after it shows in rate() and increase().
+            _traffic(api, key, store, first=True)
+            time.sleep(3)
+            _traffic(api, key, store, first=False)
             missing = _wait_for_data(base, [*panel_queries(), *alert_queries()], seconds=30)
             assert not missing, missing
+            for title, expr in [*panel_queries(), *alert_queries()]:  # shown with pytest -s
+                series = [
+                    f"{ {k: v for k, v in r['metric'].items() if k not in ('job', 'instance')} }"  # type: ignore[union-attr]
+                    f"={float(r['value'][1]):.3g}"  # type: ignore[index]
+                    for r in _query(base, expr)
+                ]
+                print(f"{title}: {'; '.join(series)}")
         finally:
             process.terminate()
             process.wait(timeout=10)
             log.close()
 
 
-def _traffic(api: str, key: str, operator: str, store: Store) -> None:
+def _traffic(api: str, key: str, store: Store, *, first: bool) -> None:
     client = httpx.Client(base_url=api, timeout=60)
     for i in range(6):
         cid = new_conversation(client, key)  # type: ignore[arg-type]
@@ -205,7 +216,18 @@ def _traffic(api: str, key: str, operator: str, store: Store) -> None:
         reason = "outcome" if i % 3 == 0 else "customer_left"
         client.post(f"/v1/conversations/{cid}/close", json={"reason": reason}, headers=auth(key))
     assert client.get("/boom").status_code == 500
-    # The pipeline's side: an iteration with a finished step and metrics, and a rollback.
+    client.close()
+    with session_scope(store.factory) as session:  # a guardrail rollback, each round
+        audit.record(
+            session,
+            actor="guardrail",
+            action="experiment.rolled_back",
+            subject_type="experiment",
+            subject_id="x",
+        )
+    if not first:
+        return
+    # The pipeline's side: an iteration with a finished step and metrics.
     with session_scope(store.factory) as session:
         policy = session.scalars(select(Policy.id).limit(1)).one()
         request = parse_iteration_request({"algorithm": "ppo", "parent_policy_id": policy})
@@ -224,23 +246,19 @@ def _traffic(api: str, key: str, operator: str, store: Store) -> None:
             result={"ok": True},
             metrics={"q_auc": 0.71, "q_rank_corr": 0.2, "check_gain": 0.01},
         )
-    time.sleep(2)  # a scrape without the rollback, then one with it: the delta is there
-    with session_scope(store.factory) as session:
-        audit.record(
-            session,
-            actor="guardrail",
-            action="experiment.rolled_back",
-            subject_type="experiment",
-            subject_id="x",
-        )
-    client.close()
+
+
+def _finite(result: list[dict[str, object]]) -> bool:
+    return any(math.isfinite(float(r["value"][1])) for r in result)  # type: ignore[index]
 
 
 def _wait_for_data(base: str, queries: list[tuple[str, str]], seconds: float) -> list[str]:
+    """The queries that returned no finite value within `seconds` (NaN is no data: a ratio of
+    counters that did not move)."""
     deadline = time.monotonic() + seconds
     pending = list(queries)
     while pending and time.monotonic() < deadline:
-        pending = [(title, expr) for title, expr in pending if not _query(base, expr)]
+        pending = [(title, expr) for title, expr in pending if not _finite(_query(base, expr))]
         if pending:
             time.sleep(1)
     return [f"{title}: {expr}" for title, expr in pending]
