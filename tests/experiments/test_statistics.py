@@ -183,3 +183,15 @@ def test_the_sequential_interval_of_means_keeps_its_error_rate_under_daily_peeki
                 errors += 1
                 break
     assert _upper_bound(errors / experiments, experiments) <= 0.05, errors
+
+
+@pytest.mark.parametrize(("x_t", "n_t", "x_c", "n_c"), [(30, 200, 20, 200), (51, 287, 44, 244)])
+def test_score_test_and_srm_agree_with_scipy(x_t: int, n_t: int, x_c: int, n_c: int) -> None:
+    from scipy.stats import chi2_contingency, chisquare  # type: ignore[import-untyped]
+
+    table = [[x_t, n_t - x_t], [x_c, n_c - x_c]]
+    expected = chi2_contingency(table, correction=False).pvalue
+    assert score_test(x_t, n_t, x_c, n_c).p_value == pytest.approx(expected, rel=1e-9)
+    assert sample_ratio_mismatch([n_t, n_c], [2, 1]).p_value == pytest.approx(
+        chisquare([n_t, n_c], [(n_t + n_c) * 2 / 3, (n_t + n_c) / 3]).pvalue, rel=1e-12
+    )
