@@ -466,9 +466,11 @@ def _run_steps(
     step: Step,
     *,
     wait: bool,
+    as_json: bool = False,
 ) -> None:
-    """Hand `step` to this deployment's runner, with a progress bar until the iteration stops
-    moving (in this process the runner blocks; on Celery, `wait` follows the workers)."""
+    """Hand `step` to this deployment's runner, with a progress bar (on stderr) until the
+    iteration stops moving (in this process the runner blocks; on Celery, `wait` follows the
+    workers); then the iteration, as a summary or as JSON."""
     import time
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -490,6 +492,14 @@ def _run_steps(
         runner_for(settings, factory, blocking=True, heartbeat=show).submit(iteration_id, step)
         while wait and show() in ("queued", "running"):
             time.sleep(1.0)
+    if as_json:
+        from services.iterations.schemas import IterationOut
+
+        with session_scope(factory) as session:
+            _print_json(
+                IterationOut.model_validate(get_iteration(session, iteration_id=iteration_id))
+            )
+        return
     _show_iteration(factory, iteration_id)
 
 
@@ -528,6 +538,7 @@ def iterate_create(
     parent: Annotated[str | None, typer.Option(help="pi_i (default: serving policy).")] = None,
     max_prompts: Annotated[int | None, typer.Option(help="Prompts for improvement.")] = None,
     override_gate: Annotated[bool, typer.Option(help="Improve even if Q is weak.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, as the API answers.")] = False,
     wait: Annotated[
         bool,
         typer.Option(
@@ -574,8 +585,8 @@ def iterate_create(
             iteration_id = create_iteration(session, settings=settings, request=request).id
     except DomainError as exc:
         raise _fail(exc.message) from None
-    out.print(f"iteration {iteration_id} created")
-    _run_steps(settings, factory, iteration_id, Step.RETURNS, wait=wait)
+    (err if as_json else out).print(f"iteration {iteration_id} created")
+    _run_steps(settings, factory, iteration_id, Step.RETURNS, wait=wait, as_json=as_json)
 
 
 @iterate_app.command("list")

@@ -88,6 +88,13 @@ def test_iterate_create_runs_the_steps_in_this_process(embedded: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "failed" in result.output and "no training data" in " ".join(result.output.split())
+    import json
+
+    options = ["--parent", "p0", "--business", "nobody", "--max-prompts", "4", "--json"]
+    as_json = CliRunner().invoke(app, ["iterate", "create", *options])
+    assert as_json.exit_code == 0, as_json.output
+    iteration = json.loads(as_json.stdout)  # progress went to stderr
+    assert iteration["object"] == "iteration" and iteration["status"] == "failed"
 
 
 def test_q_fit_and_score_with_the_lexical_kind(embedded: Path) -> None:
