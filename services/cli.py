@@ -999,7 +999,7 @@ def demo(
         bool,
         typer.Option(
             help="Sizes that can show a lift: the A/B sized by power for +10 points over pi_0's "
-            "rate (about 70 min on 2 cores; the expected time is printed once known)."
+            "rate (70-80 min on 2 cores; the expected time is printed once known)."
         ),
     ] = False,
     report: Annotated[Path | None, typer.Option(help="HTML report path.")] = None,
