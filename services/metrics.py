@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from services.audit import repository as audit
 from services.conversations.models import Message
 from services.experiments import repository as experiments
-from services.experiments.statistics import sample_ratio_mismatch
+from services.experiments.report import sample_ratio_check
 from services.iterations import repository as iterations
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,7 @@ class PipelineCollector(Collector):
                     if len(experiment.arms) < 2:
                         continue
                     units = experiments.arm_units(session, experiment_id=experiment.id)
-                    srm[experiment.id] = sample_ratio_mismatch(
-                        [units.get(a.name, 0) for a in experiment.arms],
-                        [a.weight for a in experiment.arms],
-                    ).p_value
+                    srm[experiment.id] = sample_ratio_check(session, experiment, units).p_value
         except Exception as exc:  # a scrape never fails the API; the gap shows in Grafana
             log.warning("pipeline metrics unavailable: %s", exc)
             return

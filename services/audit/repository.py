@@ -27,3 +27,12 @@ def action_counts(session: Session) -> dict[str, int]:
     """Decisions recorded, per action."""
     rows = session.execute(select(AuditEvent.action, func.count()).group_by(AuditEvent.action))
     return {str(action): int(count) for action, count in rows}
+
+
+def events_of(session: Session, *, subject_id: str, actions: Sequence[str]) -> Sequence[AuditEvent]:
+    """A subject's events of the given actions, oldest first."""
+    return session.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.subject_id == subject_id, AuditEvent.action.in_(list(actions)))
+        .order_by(AuditEvent.id)
+    ).all()

@@ -4,10 +4,13 @@ used suggestions and their latency; each arm against control by the methods of s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from services.audit import repository as audit
 from services.experiments import repository
+from services.experiments.models import Experiment
 from services.experiments.service import get_experiment
 from services.experiments.statistics import (
     EXACT_BELOW,
@@ -18,7 +21,7 @@ from services.experiments.statistics import (
     difference_test,
     minimum_detectable_effect,
     probability_better,
-    sample_ratio_mismatch,
+    sample_ratio_mismatch_expected,
     sequential_interval,
     wilson_interval,
 )
@@ -93,8 +96,8 @@ METHODS = {
     f"tightest at {SEQUENTIAL_TUNING_N} conversations",
     "probability_better": "P(rate_t > rate_c), independent Beta(1, 1) priors, exact",
     "minimum_detectable_effect": "two-sided z-test, alpha 5%, power 80%, at the current sizes",
-    "srm": f"chi-square goodness of fit of assigned units to the current weights, "
-    f"flagged below p = {SRM_ALPHA}",
+    "srm": "chi-square goodness of fit of assigned units to the weights in force when each "
+    f"was assigned (from the audit trail), flagged below p = {SRM_ALPHA}",
     "test": f"Boschloo exact test below {EXACT_BELOW} ended conversations in an arm, "
     "two-proportion score test above",
 }
@@ -150,13 +153,59 @@ def control_arm(arms: list[ArmResult]) -> ArmResult:
     return next((a for a in arms if a.arm == "control"), arms[0])
 
 
+def weight_periods(
+    session: Session, experiment: Experiment
+) -> list[tuple[datetime | None, datetime | None, dict[str, float]]]:
+    """The experiment's weights over time from its audit trail: (from, until, weights by arm),
+    the first period open at its start, the last one open at its end. Without a trail (an
+    experiment older than it), one period of the current weights."""
+    current = {arm.name: arm.weight for arm in experiment.arms}
+    events = audit.events_of(
+        session,
+        subject_id=experiment.id,
+        actions=("experiment.created", "experiment.weights_changed"),
+    )
+    periods: list[tuple[datetime | None, datetime | None, dict[str, float]]] = []
+    weights: dict[str, float] | None = None
+    start: datetime | None = None
+    for event in events:
+        data = event.data or {}
+        if event.action == "experiment.created":
+            weights = {a["name"]: float(a["weight"]) for a in data.get("arms", [])}
+            continue
+        if weights is not None:
+            periods.append((start, event.created_at, weights))
+        weights, start = {k: float(v) for k, v in data.get("after", {}).items()}, event.created_at
+    periods.append((start, None, weights if weights is not None else current))
+    return periods
+
+
+def sample_ratio_check(
+    session: Session, experiment: Experiment, units: dict[str, int]
+) -> TestResult:
+    """The arms' units against what their weights, period by period, lead to expect."""
+    names = [arm.name for arm in experiment.arms]
+    expected = dict.fromkeys(names, 0.0)
+    for start, end, weights in weight_periods(session, experiment):
+        n = repository.units_assigned_between(
+            session, experiment_id=experiment.id, start=start, end=end
+        )
+        total = sum(weights.get(name, 0.0) for name in names)
+        if n and total > 0:
+            for name in names:
+                expected[name] += n * weights.get(name, 0.0) / total
+    return sample_ratio_mismatch_expected(
+        [units.get(name, 0) for name in names], [expected[name] for name in names]
+    )
+
+
 def full_results(session: Session, *, experiment_id: str) -> ExperimentResults:
     """Every arm's results, each other arm against control, and the sample-ratio check."""
     experiment = get_experiment(session, experiment_id=experiment_id)
     arms = experiment_results(session, experiment_id=experiment_id)
     control = control_arm(arms)
     srm = (
-        sample_ratio_mismatch([a.units for a in arms], [a.weight for a in arms])
+        sample_ratio_check(session, experiment, {a.arm: a.units for a in arms})
         if len(arms) > 1
         else TestResult("chi-square goodness of fit", 1.0)
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
@@ -145,3 +146,19 @@ def conversation_acceptance(
     for arm, _, yes, total in rows:
         out.setdefault(str(arm), []).append((int(yes or 0), int(total)))
     return out
+
+
+def units_assigned_between(
+    session: Session, *, experiment_id: str, start: datetime | None, end: datetime | None
+) -> int:
+    """Units assigned in [start, end) (open ends: no bound)."""
+    query = (
+        select(func.count())
+        .select_from(Assignment)
+        .where(Assignment.experiment_id == experiment_id)
+    )
+    if start is not None:
+        query = query.where(Assignment.created_at >= start)
+    if end is not None:
+        query = query.where(Assignment.created_at < end)
+    return int(session.scalar(query) or 0)

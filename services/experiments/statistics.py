@@ -172,20 +172,28 @@ def difference_test(successes_t: int, n_t: int, successes_c: int, n_c: int) -> T
 def sample_ratio_mismatch(counts: Sequence[int], weights: Sequence[float]) -> TestResult:
     """Pearson's chi-square goodness of fit of the arms' units to their configured weights; a
     p-value below SRM_ALPHA means assignment or logging is broken, not that an arm is better."""
-    from scipy.stats import chisquare
-
     if len(counts) != len(weights) or len(counts) < 2:
         raise ValueError("one count and one weight per arm, at least two arms")
     total, weight_sum = sum(counts), float(sum(weights))
     if total == 0 or weight_sum <= 0:
         return TestResult("chi-square goodness of fit", 1.0)
-    live = [(c, w) for c, w in zip(counts, weights, strict=True) if w > 0]
-    if any(c > 0 for c, w in zip(counts, weights, strict=True) if w <= 0):
-        return TestResult("chi-square goodness of fit", 0.0)  # units in an arm weighted 0
-    if len(live) < 2:
+    return sample_ratio_mismatch_expected(counts, [total * w / weight_sum for w in weights])
+
+
+def sample_ratio_mismatch_expected(counts: Sequence[int], expected: Sequence[float]) -> TestResult:
+    """The same test against expected counts (e.g. summed over periods of different weights);
+    units in an arm expected to get none are a mismatch outright."""
+    from scipy.stats import chisquare
+
+    if len(counts) != len(expected) or len(counts) < 2:
+        raise ValueError("one count and one expected count per arm, at least two arms")
+    if any(c > 0 for c, e in zip(counts, expected, strict=True) if e <= 0):
+        return TestResult("chi-square goodness of fit", 0.0)
+    live = [(c, e) for c, e in zip(counts, expected, strict=True) if e > 0]
+    if len(live) < 2 or sum(c for c, _ in live) == 0:
         return TestResult("chi-square goodness of fit", 1.0)
-    expected = [total * w / weight_sum for _, w in live]
-    p = chisquare([c for c, _ in live], expected).pvalue
+    scale = sum(c for c, _ in live) / sum(e for _, e in live)  # same total, as chisquare needs
+    p = chisquare([c for c, _ in live], [e * scale for _, e in live]).pvalue
     return TestResult("chi-square goodness of fit", float(p))
 
 

@@ -163,18 +163,47 @@ def test_promotion_serves_the_winner_to_new_conversations_only(
     assert promoted["actor"] != "cli" and promoted["data"]["arm"] == "treatment"  # type: ignore[index]
 
 
-def test_a_sample_ratio_mismatch_blocks_promotion(store: Store, client: TestClient) -> None:
+def test_a_weight_change_is_no_sample_ratio_mismatch(store: Store, client: TestClient) -> None:
+    """Units assigned under 1:0 and then under 1:1 are what those weights lead to expect,
+    period by period (from the audit trail), not a mismatch against the latest weights."""
     business, _ = store.business_key()
     operator = store.operator_key()
     experiment_id = _experiment(store, business, weights=(1, 0))  # all units go to control
-    _traffic(store, business, 20, lambda arm, i: False)
-    response = client.put if False else client.post
-    reweighted = response(
+    assert _traffic(store, business, 30, lambda arm, i: False) == {"control": 30}
+    reweighted = client.post(
         f"/v1/experiments/{experiment_id}/weights",
         json={"weights": {"control": 1, "treatment": 1}},
         headers=auth(operator),
     )
     assert reweighted.status_code == 200
+    _traffic(store, business, 20, lambda arm, i: False)
+    results = client.get(f"/v1/experiments/{experiment_id}/results", headers=auth(operator))
+    srm = results.json()["sample_ratio_mismatch"]
+    assert srm["flagged"] is False and srm["p_value"] > 0.01, srm
+    # Against the latest weights alone (1:1) the same units would look broken.
+    arms = {a["name"]: a["units"] for a in results.json()["arms"]}
+    from services.experiments.statistics import sample_ratio_mismatch
+
+    naive = sample_ratio_mismatch([arms["control"], arms["treatment"]], [1, 1])
+    assert naive.p_value < 0.001
+
+
+def test_a_sample_ratio_mismatch_blocks_promotion(store: Store, client: TestClient) -> None:
+    from sqlalchemy import update
+
+    from services.experiments.models import Arm, Assignment
+
+    business, _ = store.business_key()
+    operator = store.operator_key()
+    experiment_id = _experiment(store, business)
+    _traffic(store, business, 40, lambda arm, i: False)
+    with session_scope(store.factory) as session:  # broken assignment: every unit in control
+        control = session.query(Arm).filter_by(experiment_id=experiment_id, name="control").one()
+        session.execute(
+            update(Assignment)
+            .where(Assignment.experiment_id == experiment_id)
+            .values(arm_id=control.id)
+        )
     results = client.get(f"/v1/experiments/{experiment_id}/results", headers=auth(operator))
     assert results.json()["sample_ratio_mismatch"]["flagged"] is True
     blocked = client.post(
