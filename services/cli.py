@@ -527,11 +527,16 @@ def _show_iteration(factory, iteration_id: str) -> None:  # type: ignore[no-unty
 
 @iterate_app.command("create")
 def iterate_create(
-    algorithm: Annotated[str, typer.Option(help="ppo | rloo | grpo")] = "ppo",
+    algorithm: Annotated[
+        str,
+        typer.Option(help="ppo | rloo | grpo against Q; dmpo (conversation pairs) | dpo (edits)."),
+    ] = "ppo",
     beta: Annotated[float | None, typer.Option(help="KL coefficient to pi_i.")] = None,
     gamma: Annotated[float | None, typer.Option(help="Discount per decision.")] = None,
     n_epochs: Annotated[int | None, typer.Option(help="Improvement epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Prompts per update.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Prompts (dmpo, dpo: pairs) per update.")
+    ] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
     q_kind: Annotated[str | None, typer.Option(help="Q fit: lexical | head | finetune.")] = None,
     business: Annotated[str | None, typer.Option(help="Only this business's data.")] = None,

@@ -346,16 +346,12 @@ def _traffic(
             return [r for records in pool.map(lane, range(lanes)) for r in records]
 
 
-def run_demo(
-    settings: Settings,
-    config: DemoConfig,
-    *,
-    workdir: Path,
-    status: Callable[[str], None],
-    progress: Callable[[str, float], None],
-) -> DemoResult:
-    """Run the demo in `workdir` (a fresh SQLite store and artifacts) with `settings`' model."""
-    started = time.monotonic()
+def prepare_world(
+    settings: Settings, config: DemoConfig, workdir: Path, status: Callable[[str], None]
+) -> tuple[Settings, Any, str, str]:
+    """A fresh SQLite store and artifacts in `workdir`, the model and pi_0 prepared, the demo
+    business with its key, pi_0 serving it alone: (settings, session factory, business key,
+    the experiment serving pi_0)."""
     scenario = SCENARIOS[config.scenario]
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -394,6 +390,21 @@ def run_demo(
             session, name="pi0 alone", business_id=BUSINESS, arms=[ArmSpec("pi0", PI0_ID, 1.0)]
         )
         experiment_id = first.id
+    return demo_settings, factory, key, experiment_id
+
+
+def run_demo(
+    settings: Settings,
+    config: DemoConfig,
+    *,
+    workdir: Path,
+    status: Callable[[str], None],
+    progress: Callable[[str, float], None],
+) -> DemoResult:
+    """Run the demo in `workdir` (a fresh SQLite store and artifacts) with `settings`' model."""
+    started = time.monotonic()
+    scenario = SCENARIOS[config.scenario]
+    demo_settings, factory, key, experiment_id = prepare_world(settings, config, workdir, status)
     reference = {
         "rep alone (no suggestions)": simulate_offline(
             scenario, 400, config.seed, lambda _history: None
@@ -408,7 +419,7 @@ def run_demo(
     backend = build_backend(demo_settings)
     with serve_in_thread(demo_settings, backend) as base_url:
         phases.append(
-            _phase(
+            traffic_phase(
                 base_url, key, scenario, config, factory, experiment_id, "pi0", 0, status, progress
             )
         )
@@ -418,7 +429,7 @@ def run_demo(
             notes.append(note)
             status(note)
         for number in range(1, config.iterations + 1):
-            summary = _iterate(
+            summary = run_iteration(
                 demo_settings, factory, config, parent, number, status, progress, notes
             )
             summaries.append(summary)
@@ -433,7 +444,7 @@ def run_demo(
                 it = iterations.get_iteration(session, iteration_id=summary.iteration_id)
                 experiment_id = it.experiment_id or ""
             phases.append(
-                _phase(
+                traffic_phase(
                     base_url,
                     key,
                     scenario,
@@ -523,7 +534,7 @@ def _paired(
     )
 
 
-def _phase(
+def traffic_phase(
     base_url: str,
     key: str,
     scenario: Scenario,
@@ -557,7 +568,7 @@ def _phase(
     return Phase(name, experiment_id, arms, time.monotonic() - started, scores)
 
 
-def _iterate(
+def run_iteration(
     settings: Settings,
     factory: Any,
     config: DemoConfig,
@@ -566,7 +577,14 @@ def _iterate(
     status: Callable[[str], None],
     progress: Callable[[str, float], None],
     notes: list[str],
+    *,
+    algorithm: str = "ppo",
+    hyperparameters: dict[str, Any] | None = None,
+    deploy: bool = True,
 ) -> IterationSummary:
+    """One iteration of `parent` in this process (PPO at the config's settings unless told
+    otherwise), the demo playing the operator: a failed Q gate is overridden (noted), and with
+    `deploy` the candidate is approved and its A/B experiment started."""
     from workers.runner import BlockingRunner
 
     def heartbeat(iteration_id: str) -> None:
@@ -576,13 +594,13 @@ def _iterate(
 
     # The demo runs every step in this process, reporting progress while it waits.
     runner = BlockingRunner(settings, factory, heartbeat=heartbeat)
-    status(f"iteration {number}: returns -> Q -> PPO on {parent}")
+    status(f"iteration {number}: returns -> Q -> {algorithm.upper()} on {parent}")
     started = time.monotonic()
     request = parse_iteration_request(
         {
-            "algorithm": "ppo",
+            "algorithm": algorithm,
             "hyperparameters": {
-                **config.ppo,
+                **(config.ppo if hyperparameters is None else hyperparameters),
                 "q": {"kind": config.q_kind, **({"max_length": 128} if config.quick else {})},
             },
             "data": {
@@ -614,7 +632,7 @@ def _iterate(
         runner.submit(iteration_id, resume)
     with session_scope(factory) as session:
         it = iterations.get_iteration(session, iteration_id=iteration_id)
-        if it.status == "awaiting_approval":
+        if it.status == "awaiting_approval" and deploy:
             iterations.approve(session, iteration_id=iteration_id)
             approved = True
         else:

@@ -97,6 +97,44 @@ def test_iterate_create_runs_the_steps_in_this_process(embedded: Path) -> None:
     assert iteration["object"] == "iteration" and iteration["status"] == "failed"
 
 
+@pytest.mark.parametrize("algorithm", ["dmpo", "dpo"])
+def test_iterate_create_runs_an_offline_iteration(
+    embedded: Path, algorithm: str, tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """`iterate create --algorithm dmpo|dpo` on the embedded default runs to a candidate."""
+    import json
+    from types import SimpleNamespace
+
+    from services.db import make_engine, make_session_factory, session_scope
+    from services.migrate import upgrade
+    from services.policies.models import PolicyStatus
+    from services.policies.service import register_policy
+    from tests.iterations.scenario import write_policy_logs
+
+    settings = get_settings()
+    upgrade(settings.sqlalchemy_url)
+    factory = make_session_factory(make_engine(settings.sqlalchemy_url))
+    with session_scope(factory) as session:
+        register_policy(
+            session,
+            policy_id="p0",
+            base_model=str(tiny_model),
+            adapter_uri=str(tiny_adapters["zero"]),
+            status=PolicyStatus.APPROVED,
+        )
+    write_policy_logs(
+        SimpleNamespace(factory=factory, settings=settings), "b", "p0", 40, rewrite=0.5
+    )
+    options = ["--algorithm", algorithm, "--parent", "p0", "--business", "b", "--n-epochs", "1"]
+    result = CliRunner().invoke(
+        app, ["iterate", "create", *options, "--batch-size", "2", "--override-gate", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    iteration = json.loads(result.stdout)
+    assert iteration["status"] == "awaiting_approval", iteration["error"]
+    assert iteration["algorithm"] == algorithm and iteration["metrics"]["improve_pairs"] >= 1
+
+
 def test_q_fit_and_score_with_the_lexical_kind(embedded: Path) -> None:
     """`q fit --kind lexical` on imported conversations needs no base model; `q score` then
     ranks a reply that books above one that does not, for the same state."""

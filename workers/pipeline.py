@@ -25,14 +25,18 @@ from services.experiments.assignment import unit_interval
 from services.experiments.models import GLOBAL_SCOPE
 from services.experiments.service import ArmSpec, create_experiment, stop_experiment
 from services.iterations import service
-from services.iterations.dataset import build_dataset, check_trajectories
+from services.iterations.dataset import build_dataset, check_trajectories, preference_data
 from services.iterations.models import Iteration, Step
 from services.iterations.pipeline_config import PipelineConfig
 from services.policies import service as policies
 from services.policies.models import PolicyStatus
-from services.policies.prompt import ChatMessage, Turn, chat_turns
+from services.policies.prompt import ChatMessage, Turn
 from services.settings import Settings
+from workers.learning.chat import prompt_messages
+from workers.learning.config_build import OFFLINE_ALGORITHMS
 from workers.learning.examples import StepExample
+from workers.learning.improve import Algorithm, OfflineAlgorithm
+from workers.learning.preferences import conversation_record
 from workers.learning.returns import ReturnsConfig
 
 log = logging.getLogger(__name__)
@@ -90,11 +94,6 @@ def read_examples(path: Path) -> list[StepExample]:
             row["state"] = tuple(Turn(role, text) for role, text in row["state"])
             examples.append(StepExample(**row))
     return examples
-
-
-def prompt_messages(system: str | None, state: tuple[Turn, ...]) -> list[ChatMessage]:
-    head = [ChatMessage("system", system)] if system else []
-    return head + chat_turns(state)
 
 
 def state_of(messages: list[ChatMessage]) -> tuple[str | None, tuple[Turn, ...]]:
@@ -187,6 +186,23 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     trajectories = check_trajectories([d for d in decisions if d.conversation_id in chosen])
     final = ctx.dir(Step.RETURNS)
     tmp = _fresh_dir(final, ctx.attempt)
+    offline: dict[str, int] = {}
+    if ctx.iteration.algorithm in OFFLINE_ALGORITHMS:
+        # DMPO and DPO learn from the training conversations only, as Q does.
+        with session_scope(ctx.factory) as session:
+            preferences = preference_data(session, config=config, cutoff=ctx.iteration.data_cutoff)
+        train_ids = {e.conversation_id for e in train}
+        preferences.conversations = [
+            c for c in preferences.conversations if c.conversation_id in train_ids
+        ]
+        preferences.edits = [e for e in preferences.edits if e.conversation_id in train_ids]
+        (tmp / "conversations.jsonl").write_text(
+            "".join(json.dumps(conversation_record(c)) + "\n" for c in preferences.conversations)
+        )
+        (tmp / "edits.jsonl").write_text(
+            "".join(json.dumps(e.as_record()) + "\n" for e in preferences.edits)
+        )
+        offline = preferences.counts()
     (tmp / "check.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trajectories))
     write_examples(tmp / "train.jsonl", train)
     write_examples(tmp / "eval.jsonl", held_out)
@@ -196,12 +212,15 @@ def step_returns(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     result = {
         "dir": str(final),
         "train": len(train),
+        "train_conversations": len({e.conversation_id for e in train}),
         "eval": len(held_out),
         "prompts": len(prompts),
         "check_decisions": len(trajectories),
         "data": stats.as_dict(),
+        **({"preferences": offline} if offline else {}),
     }
-    return result, {**stats.flat(), "data_examples": len(examples)}
+    metrics = {f"data_preference_{k}": v for k, v in offline.items()}
+    return result, {**stats.flat(), "data_examples": len(examples), **metrics}
 
 
 def step_fit_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -259,13 +278,44 @@ def step_evaluate_q(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def step_improve(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     from workers.learning.config_build import improvement_config
-    from workers.learning.improve import improve_policy
-    from workers.learning.q_model import QModel
 
     with session_scope(ctx.factory) as session:
         parent = policies.get_policy(session, policy_id=ctx.iteration.parent_policy_id)
         base_model, parent_adapter = Path(parent.base_model), Path(parent.adapter_uri)
     data = Path(ctx.result_of(Step.RETURNS)["dir"])
+    improve = dict(ctx.configs["improve"])
+    algorithm = improve.pop("algorithm")
+    config = improvement_config(algorithm, improve)
+    final = ctx.dir(Step.IMPROVE)
+    tmp = _fresh_dir(final, ctx.attempt)
+    if algorithm in OFFLINE_ALGORITHMS:
+        result, extra = _improve_offline(
+            ctx, algorithm, config, data, base_model, parent_adapter, tmp
+        )
+    else:
+        result, extra = _improve_against_q(
+            ctx, algorithm, config, data, base_model, parent_adapter, tmp
+        )
+    adapter = final / Path(result.adapter_dir).relative_to(tmp)
+    _publish(tmp, final)
+    metrics = {f"improve_{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    metrics.update(extra)
+    return {"adapter_dir": str(adapter), **metrics}, metrics
+
+
+def _improve_against_q(
+    ctx: Context,
+    algorithm: Algorithm,
+    config: Any,
+    data: Path,
+    base_model: Path,
+    parent_adapter: Path,
+    tmp: Path,
+) -> tuple[Any, dict[str, Any]]:
+    """PPO, RLOO or GRPO at the training states, with the fitted Q as the reward."""
+    from workers.learning.improve import improve_policy
+    from workers.learning.q_model import QModel
+
     q = QModel.load(Path(ctx.result_of(Step.FIT_Q)["dir"]))
     prompts = []
     for line in (data / "prompts.jsonl").read_text().splitlines():
@@ -276,24 +326,81 @@ def step_improve(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
         items = [(*state_of(list(p)), c) for p, c in zip(batch, completions, strict=True)]
         return [float(x) for x in q.score(items)]
 
-    improve = dict(ctx.configs["improve"])
-    algorithm = improve.pop("algorithm")
-    final = ctx.dir(Step.IMPROVE)
-    tmp = _fresh_dir(final, ctx.attempt)
     result = improve_policy(
         algorithm=algorithm,
         base_model=base_model,
         parent_adapter=parent_adapter,
         prompts=prompts,
         reward_fn=reward,
-        config=improvement_config(algorithm, improve),
+        config=config,
         output_dir=tmp / "adapter",
         progress=lambda _what, fraction: ctx.progress(fraction),
     )
-    adapter = final / Path(result.adapter_dir).relative_to(tmp)
-    _publish(tmp, final)
-    metrics = {f"improve_{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)}
-    return {"adapter_dir": str(adapter), **metrics}, metrics
+    return result, {}
+
+
+def _improve_offline(
+    ctx: Context,
+    algorithm: OfflineAlgorithm,
+    config: Any,
+    data: Path,
+    base_model: Path,
+    parent_adapter: Path,
+    tmp: Path,
+) -> tuple[Any, dict[str, Any]]:
+    """DMPO on pairs of the training conversations, or DPO on their edits; Q is not used."""
+    from workers.learning.improve import improve_offline
+    from workers.learning.preferences import (
+        EditPair,
+        conversation_from_record,
+        pair_conversations,
+    )
+
+    def records(name: str) -> list[dict[str, Any]]:
+        path = data / name
+        if not path.is_file():
+            raise RuntimeError(
+                f"the returns step wrote no {name}: retry the iteration from returns"
+            )
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    extra: dict[str, Any]
+    preferences: list[Any]
+    if algorithm == "dmpo":
+        conversations = [conversation_from_record(r) for r in records("conversations.jsonl")]
+        preferences = pair_conversations(
+            conversations,
+            opening_similarity=config.opening_similarity,
+            max_pairs_per_conversation=config.max_pairs_per_conversation,
+        )
+        extra = {
+            "improve_pairs": len(preferences),
+            "improve_pairs_shared_turns": round(
+                sum(p.shared_turns for p in preferences) / len(preferences), 3
+            )
+            if preferences
+            else 0.0,
+        }
+        if not preferences:
+            winners = sum(c.outcome for c in conversations)
+            raise RuntimeError(
+                f"no DMPO pairs: {len(conversations)} training conversations, {winners} with the "
+                f"outcome; pairs need a winner and a loser of one business whose openings are at "
+                f"least {config.opening_similarity} similar (opening_similarity)"
+            )
+    else:
+        preferences = [EditPair.from_record(r) for r in records("edits.jsonl")]
+        extra = {"improve_edits_available": len(preferences)}
+    result = improve_offline(
+        algorithm=algorithm,
+        base_model=base_model,
+        parent_adapter=parent_adapter,
+        data=preferences,
+        config=config,
+        output_dir=tmp / "adapter",
+        progress=lambda _what, fraction: ctx.progress(fraction),
+    )
+    return result, extra
 
 
 def step_check(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -324,6 +431,16 @@ def step_check(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     if not decisions:
         return {"skipped": "no held-out decisions"}, {"check_skipped": True}
     improve = ctx.configs["improve"]
+    if "temperature" not in improve:
+        # DMPO and DPO sample nothing: the check samples both policies as they are served.
+        if ctx.settings.temperature <= 0:
+            return {"skipped": "served greedily: no samples to compare"}, {"check_skipped": True}
+        improve = {
+            **improve,
+            "max_new_tokens": ctx.settings.max_new_tokens,
+            "temperature": ctx.settings.temperature,
+            "top_p": ctx.settings.top_p,
+        }
     returns = ReturnsConfig(**ctx.configs["returns"])
     ppo_q = QModel.load(Path(ctx.result_of(Step.FIT_Q)["dir"]))
     final = ctx.dir(Step.CHECK)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
-import re
-
 from services.conversations.models import Relation
-
-_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+from workers.learning.preferences import word_similarity
 
 
 def normalise_whitespace(text: str) -> str:
@@ -16,11 +12,7 @@ def normalise_whitespace(text: str) -> str:
 
 def edit_similarity(suggested: str, sent: str) -> float:
     """Word-level similarity in [0, 1] (difflib ratio over lower-cased word/punctuation tokens)."""
-    a = _WORD.findall(suggested.lower())
-    b = _WORD.findall(sent.lower())
-    if not a and not b:
-        return 1.0
-    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    return word_similarity(suggested, sent)
 
 
 def classify_reply(

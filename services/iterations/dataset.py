@@ -21,10 +21,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from services.conversations import repository as conversations
-from services.conversations.models import Conversation, Source, Suggestion
+from services.conversations.models import Conversation, Relation, Source, Suggestion
 from services.policies.prompt import ABSTAIN_MARKER, Turn, system_prompt
 from services.tenants import repository as tenants
 from workers.learning.examples import StepExample
+from workers.learning.preferences import EditPair, LoggedConversation
 from workers.learning.returns import (
     DECISION_SOURCES,
     ReturnsConfig,
@@ -379,3 +380,92 @@ def check_trajectories(decisions: Sequence[Decision]) -> list[dict[str, Any]]:
             for d in kept
         )
     return records
+
+
+@dataclass
+class PreferenceData:
+    """The offline steps' data of a window: every ended conversation (DMPO pairs them) and
+    every suggestion the business edited or replaced (DPO), with counts."""
+
+    conversations: list[LoggedConversation] = field(default_factory=list)
+    edits: list[EditPair] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        relations = Counter(e.relation for e in self.edits)
+        return {
+            "conversations": len(self.conversations),
+            "with_outcome": sum(c.outcome for c in self.conversations),
+            "edits_edited": relations.get(Relation.EDITED.value, 0),
+            "edits_rejected": relations.get(Relation.REJECTED.value, 0),
+        }
+
+
+def preference_data(session: Session, *, config: ReturnsConfig, cutoff: datetime) -> PreferenceData:
+    """The window's conversations as trajectories (turns up to the outcome, what the business
+    sent) and its edited or rejected suggestions before the outcome."""
+    data = PreferenceData()
+    systems: dict[str, str] = {}
+    ids = ended_conversations(session, config=config, cutoff=cutoff)
+    for start in range(0, len(ids), 200):
+        for conversation in conversations.iter_conversations_by_ids(
+            session, ids[start : start + 200]
+        ):
+            system = systems.get(conversation.business_id)
+            if system is None:
+                system = systems[conversation.business_id] = _system(session, conversation)
+            data.conversations.append(_logged_conversation(conversation, system))
+            data.edits.extend(_edits(conversation, system))
+    return data
+
+
+def _outcome_seq(conversation: Conversation) -> int | None:
+    return min((o.seq for o in conversation.outcomes), default=None)
+
+
+def _logged_conversation(conversation: Conversation, system: str) -> LoggedConversation:
+    """Consecutive messages of one side merged into a turn; cut at the outcome (the episode
+    ends there)."""
+    outcome_seq = _outcome_seq(conversation)
+    turns: list[Turn] = []
+    for message in conversation.messages:
+        if outcome_seq is not None and message.seq > outcome_seq:
+            break  # what follows the outcome is no part of the episode
+        if turns and turns[-1].role == message.role:
+            turns[-1] = Turn(message.role, turns[-1].text + "\n" + message.text)
+        else:
+            turns.append(Turn(message.role, message.text))
+    return LoggedConversation(
+        conversation_id=conversation.id,
+        group=conversation.business_id,
+        system=system,
+        turns=tuple(turns),
+        outcome=1 if outcome_seq is not None else 0,
+    )
+
+
+def _edits(conversation: Conversation, system: str) -> Iterator[EditPair]:
+    outcome_seq = _outcome_seq(conversation)
+    suggestions = {s.id: s for s in conversation.suggestions}
+    for message in conversation.messages:
+        relation = message.suggestion_relation
+        if message.suggestion_id is None or relation not in (
+            Relation.EDITED.value,
+            Relation.REJECTED.value,
+        ):
+            continue
+        suggestion = suggestions.get(message.suggestion_id)
+        if suggestion is None or suggestion.text is None:
+            continue
+        if outcome_seq is not None and suggestion.state_seq > outcome_seq:
+            continue  # after the outcome: not part of the episode
+        yield EditPair(
+            conversation_id=conversation.id,
+            system=system,
+            state=tuple(
+                Turn(m.role, m.text) for m in conversation.messages if m.seq <= suggestion.state_seq
+            ),
+            chosen=_turn_text(conversation, message.id),
+            rejected=suggestion.text,
+            relation=relation,
+            outcome=1 if outcome_seq is not None else 0,
+        )

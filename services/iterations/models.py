@@ -51,7 +51,7 @@ class Iteration(Base):
             "'cancelled')",
             name="status",
         ),
-        CheckConstraint("algorithm IN ('ppo', 'rloo', 'grpo')", name="algorithm"),
+        CheckConstraint("algorithm IN ('ppo', 'rloo', 'grpo', 'dmpo', 'dpo')", name="algorithm"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

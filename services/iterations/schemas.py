@@ -33,7 +33,7 @@ from workers.learning.config_build import API_NAMES, IMPROVEMENT_CONFIGS
 from workers.learning.configs import QFitConfig
 from workers.learning.returns import ReturnsConfig
 
-ALGORITHMS = ("ppo", "rloo", "grpo")
+ALGORITHMS = ("ppo", "rloo", "grpo", "dmpo", "dpo")
 DEFAULT_ALGORITHM = "ppo"
 
 # The improvement samples, scores and takes the KL at the sampling the policy is served with.
@@ -66,13 +66,20 @@ def _hyperparameters_model(algorithm: str) -> type[ConfigRequest]:
             config,
             api_names={field: api for api, field in API_NAMES[algorithm].items()},
             filled=_SERVED,
+            # DMPO's turn discount is the iteration's one gamma (below), as in the returns.
+            exclude=frozenset({"gamma"}),
         ),
         extra={
             "gamma": (
                 strict(float | None),
                 Field(
                     default=None,
-                    description=f"{help_of(ReturnsConfig, 'gamma')} Or data.gamma; not both.",
+                    description=f"{help_of(ReturnsConfig, 'gamma')} Or data.gamma; not both."
+                    + (
+                        " DMPO's turn weights phi(t, T) use it too (the MDP has one discount)."
+                        if algorithm == "dmpo"
+                        else ""
+                    ),
                 ),
             ),
             "q": (

@@ -32,7 +32,7 @@ from services.iterations.schemas import IterationRequest
 from services.policies import service as policies
 from services.policies.models import PolicyStatus
 from services.settings import Settings
-from workers.learning.config_build import IMPROVEMENT_CONFIGS
+from workers.learning.config_build import IMPROVEMENT_CONFIGS, OFFLINE_ALGORITHMS
 from workers.learning.configs import QFitConfig
 from workers.learning.returns import ReturnsConfig
 
@@ -70,11 +70,17 @@ def resolve_configs(
     hyper = request.hyperparameter_values()
     data = request.data_values()
     q_values = hyper.pop("q", {})
-    sampling = served_sampling(settings, hyper)
+    offline = request.algorithm in OFFLINE_ALGORITHMS  # samples nothing: no served sampling
+    sampling = {} if offline else served_sampling(settings, hyper)
     try:
         returns = build_config(ReturnsConfig, request.returns_values())
         q = build_config(QFitConfig, q_values, base_model=base_model)
-        improve = build_config(IMPROVEMENT_CONFIGS[request.algorithm], hyper, **sampling)
+        # DMPO weighs turns with the discount of the MDP, the returns' gamma.
+        discount = {"gamma": returns.gamma} if request.algorithm == "dmpo" else {}
+        hyper.pop("gamma", None)
+        improve = build_config(
+            IMPROVEMENT_CONFIGS[request.algorithm], hyper, **sampling, **discount
+        )
         pipeline = build_config(PipelineConfig, data)
     except ValueError as exc:  # e.g. a value valid alone that the served sampling rules out
         raise Invalid(f"invalid iteration config: {exc}") from None

@@ -79,3 +79,46 @@ def test_the_splits_are_written_as_jsonl(tmp_path: Path) -> None:
     lines = {split: path.read_text().splitlines() for split, path in paths.items()}
     assert (len(lines["train"]), len(lines["dev"])) == (724, 105)
     assert json.loads(lines["dev"][0]) == load_split("dev")[0]
+
+
+def test_dmpo_pairing_at_scale_on_the_train_split() -> None:
+    """The pairing rule on real conversations with real outcomes: every persuader opens, so all
+    chats start from the same (empty) state; a pair starts where the two diverge."""
+    from collections import Counter
+
+    from workers.learning.chat import Turn as LearningTurn
+    from workers.learning.preferences import LoggedConversation, pair_conversations
+
+    conversations = [
+        LoggedConversation(
+            conversation_id=c["id"],
+            group=c["business_id"],
+            system=None,
+            turns=tuple(LearningTurn(m["role"], m["text"]) for m in c["messages"]),
+            outcome=int(c["outcome"]),
+        )
+        for c in load_split("train")
+    ]
+    winners = sum(c.outcome for c in conversations)
+    losers = len(conversations) - winners
+    pairs = pair_conversations(conversations, opening_similarity=0.3, max_pairs_per_conversation=2)
+    used = Counter(
+        cid
+        for p in pairs
+        for cid in (p.chosen.conversation.conversation_id, p.rejected.conversation.conversation_id)
+    )
+    steps = sum(len(p.chosen.steps()) + len(p.rejected.steps()) for p in pairs)
+    print(
+        f"PersuasionForGood train: {len(conversations)} conversations, {winners} donated; "
+        f"{len(pairs)} pairs; shared turns {Counter(p.shared_turns for p in pairs)}; "
+        f"turns per trajectory {steps / (2 * len(pairs)):.1f}"
+    )
+    assert min(winners, losers) <= len(pairs) <= 2 * min(winners, losers)
+    assert max(used.values()) <= 2
+    for p in pairs:
+        assert p.chosen.conversation.outcome == 1 and p.rejected.conversation.outcome == 0
+        assert p.chosen.start == p.rejected.start == p.shared_turns
+        assert p.chosen.steps() and p.rejected.steps()
+        turns_w, turns_l = p.chosen.conversation.turns, p.rejected.conversation.turns
+        assert turns_w[: p.shared_turns] == turns_l[: p.shared_turns]
+        assert turns_w[p.shared_turns] != turns_l[p.shared_turns]

@@ -47,10 +47,12 @@ def write_policy_logs(
     seed: int = 0,
     epsilon: float = 0.0,
     good_rate: float = 0.5,
+    rewrite: float = 0.0,
 ) -> list[str]:
     """The scenario as the suggestion API logs it under `policy_id`: each business reply is the
     policy's suggestion, sent as is (with an exploration persona drawn with probability
-    epsilon); returns the conversation ids."""
+    epsilon), except that with probability `rewrite` a bad suggestion is replaced by a good
+    reply the business writes itself; returns the conversation ids."""
     from services.conversations import service as log
     from services.conversations.models import EndReason, Speaker
     from services.db import session_scope
@@ -63,6 +65,9 @@ def write_policy_logs(
         for _ in range(n):
             good = rng.random() < good_rate
             reply = rng.choice(GOOD if good else BAD)
+            suggested = reply
+            if not good and rewrite and rng.random() < rewrite:
+                good, reply = True, rng.choice(GOOD)
             explored = rng.random() < epsilon
             cid = log.create_conversation(session, business_id=business_id).row.id
             common = {
@@ -73,7 +78,7 @@ def write_policy_logs(
             log.append_message(session, role=Speaker.CUSTOMER, text=rng.choice(OPENERS), **common)
             suggestion = log.record_suggestion(
                 session,
-                text=reply,
+                text=suggested,
                 policy_version=policy_id,
                 persona={"name": "brief", "instruction": "Be brief."} if explored else None,
                 propensity=epsilon / 2 if explored else 1.0 - epsilon,

@@ -67,6 +67,9 @@ def test_request_models_are_generated_from_the_configs(algorithm: str) -> None:
     api_names = {field: api for api, field in API_NAMES[algorithm].items()}
     for name, f in _config_fields(config).items():
         generated = hyper.model_fields[name]
+        if algorithm == "dmpo" and name == "gamma":  # the iteration's one gamma fills it
+            assert generated.description and "DMPO's turn weights" in generated.description
+            continue
         assert generated.description and f.metadata["help"] in generated.description, name
         assert generated.alias == api_names.get(name)
         if name not in ("temperature", "top_p"):  # filled from the served values
@@ -135,6 +138,15 @@ NAN = float("nan")
         ({"algorithm": "sft"}, "algorithm must be one of ppo, rloo, grpo"),
         ({"algorithm": 3}, "algorithm must be one of"),
         ({"parent_policy_id": 7}, "parent_policy_id"),
+        ({"algorithm": "dpo", "hyperparameters": {"relations": ["accepted"]}}, "relations must"),
+        ({"algorithm": "dpo", "hyperparameters": {"outcome": "won"}}, "outcome must be one of"),
+        ({"algorithm": "dpo", "hyperparameters": {"temperature": 0.7}}, "dpo.hyperparameters.temp"),
+        ({"algorithm": "dmpo", "hyperparameters": {"n_epochs": 0}}, "n_epochs must be positive"),
+        (
+            {"algorithm": "dmpo", "hyperparameters": {"opening_similarity": 2}},
+            "opening_similarity must be in [0, 1]",
+        ),
+        ({"algorithm": "dmpo", "hyperparameters": {"gamma": 0}}, "gamma must be in (0, 1]"),
     ],
 )
 def test_bad_values_are_422_naming_the_field(
@@ -247,6 +259,20 @@ def test_a_greedy_policy_cannot_be_improved(store: Store) -> None:
     greedy = store.settings.model_copy(update={"temperature": 0.0})
     with pytest.raises(Conflict, match="sampling policy"):
         _create(store, greedy)
+
+
+@pytest.mark.parametrize("algorithm", ["dmpo", "dpo"])
+def test_offline_steps_sample_nothing_so_a_greedy_policy_may_run_them(
+    store: Store, algorithm: str
+) -> None:
+    greedy = store.settings.model_copy(update={"temperature": 0.0})
+    with session_scope(store.factory) as session:
+        request = parse_iteration_request(
+            {"algorithm": algorithm, "parent_policy_id": _policy(store)}
+        )
+        iteration = service.create_iteration(session, settings=greedy, request=request)
+        assert "temperature" not in iteration.configs["improve"]
+        assert iteration.configs["improve"]["n_epochs"] == IMPROVEMENT_CONFIGS[algorithm]().n_epochs
 
 
 def test_the_api_refuses_another_temperature_than_served(sqlite_store: Store) -> None:

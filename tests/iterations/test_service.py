@@ -77,7 +77,7 @@ def test_configs_are_resolved_and_stored(store: Store) -> None:
 @pytest.mark.parametrize(
     ("algorithm", "hyper", "data", "words"),
     [
-        ("dpo", {}, {}, "algorithm"),
+        ("sft", {}, {}, "algorithm"),
         ("ppo", {"beta": -1}, {}, "beta"),
         ("ppo", {"no_such_knob": 1}, {}, "no_such_knob"),
         ("ppo", {}, {"gamma": 2}, "gamma"),

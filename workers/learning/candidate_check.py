@@ -42,9 +42,13 @@ from workers.learning.evidence import (
     rate_estimates,
 )
 from workers.learning.examples import StepExample
-from workers.learning.policy_model import load_policy, load_tokenizer, resolve_device
+from workers.learning.policy_model import (
+    end_token_ids,
+    load_policy,
+    load_tokenizer,
+    resolve_device,
+)
 from workers.learning.ppo import (
-    _end_token_ids,
     logprobs_of,
     nucleus_mask,
     peft_engine,
@@ -211,7 +215,7 @@ def reply_logprobs(
     sampler's nucleus when top_p < 1, the reply closed by the end token."""
     model.set_adapter(adapter)
     device = next(model.parameters()).device
-    end_id = _end_token_ids(model, tokenizer)[0]
+    end_id = end_token_ids(model, tokenizer)[0]
     out: list[float] = []
     for start in range(0, len(prompts), settings.batch_size):
         chunk = range(start, min(start + settings.batch_size, len(prompts)))

@@ -41,3 +41,9 @@ def chat_turns(turns: Sequence[Turn]) -> list[ChatMessage]:
         else:
             merged.append(ChatMessage(role, turn.text))
     return merged
+
+
+def prompt_messages(system: str | None, state: Sequence[Turn]) -> list[ChatMessage]:
+    """The chat prompt of a decision: the business's system prompt, then the state's turns."""
+    head = [ChatMessage("system", system)] if system else []
+    return head + chat_turns(state)

@@ -5,20 +5,34 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from workers.learning.configs import GRPOConfig, PPOConfig, QFitConfig, RLOOConfig
+from workers.learning.configs import (
+    DMPOConfig,
+    DPOConfig,
+    GRPOConfig,
+    PPOConfig,
+    QFitConfig,
+    RLOOConfig,
+)
 
-ImprovementConfig = PPOConfig | RLOOConfig | GRPOConfig
+ImprovementConfig = PPOConfig | RLOOConfig | GRPOConfig | DMPOConfig | DPOConfig
+
+# Steps from logged preferences: no sampling, no Q (workers/learning/improve.py).
+OFFLINE_ALGORITHMS: tuple[str, ...] = ("dmpo", "dpo")
 
 # API name -> field name, per algorithm: the jobs API speaks of epochs and batch sizes.
 API_NAMES: dict[str, dict[str, str]] = {
     "ppo": {"n_epochs": "n_ppo_epochs"},
     "rloo": {"n_epochs": "num_iterations", "batch_size": "prompts_per_step"},
     "grpo": {"n_epochs": "num_iterations", "batch_size": "prompts_per_step"},
+    "dmpo": {},
+    "dpo": {},
 }
 IMPROVEMENT_CONFIGS: dict[str, type[ImprovementConfig]] = {
     "ppo": PPOConfig,
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
+    "dmpo": DMPOConfig,
+    "dpo": DPOConfig,
 }
 
 

@@ -520,3 +520,135 @@ class GRPOConfig(_GroupSamplingConfig):
             raise ValueError(
                 f"scale_rewards must be one of {GRPO_REWARD_SCALINGS}, not {self.scale_rewards!r}"
             )
+
+
+# --- Offline improvement from preferences (DMPO on conversation pairs, DPO on business edits) ---
+
+EDIT_RELATIONS: tuple[str, ...] = ("edited", "rejected")
+EDIT_OUTCOMES: tuple[str, ...] = ("any", "reached")
+
+
+@dataclass(frozen=True)
+class _PreferenceConfig:
+    """What DMPO and DPO share: a LoRA step from pi_i on logged preferences, no sampling.
+
+    Log-probabilities are the model's own (temperature 1), as in DPO: the logged texts were
+    written by people, and a nucleus would give some of their tokens probability zero.
+    Hyperparameters are named as in fine-tuning job APIs (n_epochs, beta, batch_size,
+    learning_rate).
+    """
+
+    n_epochs: int = field(default=2, metadata={"help": "Passes over the preference data."})
+    batch_size: int = field(default=4, metadata={"help": "Preference pairs per optimiser step."})
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "AdamW learning rate of the policy's LoRA weights."}
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "Strength of the implicit KL to pi_i (the parent policy, frozen): larger "
+            "stays closer; the convention is 0.01 to 0.5."
+        },
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Global gradient-norm clip of each optimiser step."}
+    )
+    max_action_tokens: int = field(
+        default=128,
+        metadata={
+            "help": "Tokens of each business turn scored (its start): a longer turn is cut, "
+            "the same way under the policy and under pi_i."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds the order of the pairs and init."})
+    device: str = field(
+        default="auto", metadata={"help": "'auto' (CUDA when present, else CPU), 'cpu', 'cuda'."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', not {self.device!r}")
+        for name in ("n_epochs", "batch_size", "learning_rate", "max_grad_norm", "beta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.max_action_tokens < 1:
+            raise ValueError(f"max_action_tokens must be at least 1, not {self.max_action_tokens}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DMPOConfig(_PreferenceConfig):
+    """DMPO (Shi et al. 2024) on pairs of logged conversations (workers/learning/dmpo.py)."""
+
+    gamma: float = field(
+        default=0.9,
+        metadata={
+            "help": "Discount of the turn weights phi(t, T) = gamma^t (1 - gamma^(T-t)) / "
+            "(1 - gamma^T): lower makes a trajectory's early turns dominate; 1 gives (T-t)/T."
+        },
+    )
+    opening_similarity: float = field(
+        default=0.3,
+        metadata={
+            "help": "Two conversations of one business whose customers opened differently are "
+            "paired only if the openings' word similarity (workers/learning/lexical.py) is at "
+            "least this, in [0, 1]; conversations that share their opening always qualify."
+        },
+    )
+    max_pairs_per_conversation: int = field(
+        default=2,
+        metadata={
+            "help": "How many pairs one conversation may appear in (outcomes are rare: a "
+            "winner paired with several losers yields more pairs, and more weight)."
+        },
+    )
+    max_turns: int = field(
+        default=16,
+        metadata={"help": "Business turns of a trajectory scored (its first ones)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], not {self.gamma}")
+        if not 0.0 <= self.opening_similarity <= 1.0:
+            raise ValueError(f"opening_similarity must be in [0, 1], not {self.opening_similarity}")
+        for name in ("max_pairs_per_conversation", "max_turns"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class DPOConfig(_PreferenceConfig):
+    """DPO on business edits via trl.DPOTrainer (workers/learning/dpo.py): where a business
+    edited or replaced a suggestion, what it sent is preferred to the suggestion."""
+
+    relations: tuple[str, ...] = field(
+        default=EDIT_RELATIONS,
+        metadata={
+            "help": f"Which answers to a suggestion make a pair, of {EDIT_RELATIONS}: 'edited' "
+            "(similar enough to count as an edit) and 'rejected' (the business wrote its own)."
+        },
+    )
+    outcome: str = field(
+        default="any",
+        metadata={
+            "help": f"One of {EDIT_OUTCOMES}: 'reached' keeps only pairs from conversations that "
+            "reached the outcome (the business's own text is then known to have worked)."
+        },
+    )
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Tokens of prompt and reply together (TRL's max_length)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.relations or set(self.relations) - set(EDIT_RELATIONS):
+            raise ValueError(f"relations must be a non-empty subset of {EDIT_RELATIONS}")
+        if self.outcome not in EDIT_OUTCOMES:
+            raise ValueError(f"outcome must be one of {EDIT_OUTCOMES}, not {self.outcome!r}")
+        if self.max_length < 16:
+            raise ValueError(f"max_length must be at least 16, not {self.max_length}")

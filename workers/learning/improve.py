@@ -1,8 +1,11 @@
 """Policy improvement step of Iterative PPO: pi_i -> pi_{i+1} against a learned Q^pi(s, a).
 
-One entry point, `improve_policy`, over our own token-level PPO (`ppo.py`) and TRL's RLOO and
-GRPO (`rl_trl.py`). Each prompt is a logged conversation state; the policy samples a business
-reply; `reward_fn` (Q^pi) scores each sampled reply; a KL penalty keeps pi_{i+1} close to pi_i.
+`improve_policy` runs our own token-level PPO (`ppo.py`) and TRL's RLOO and GRPO
+(`rl_trl.py`). Each prompt is a logged conversation state; the policy samples a business reply;
+`reward_fn` (Q^pi) scores each sampled reply; a KL penalty keeps pi_{i+1} close to pi_i.
+`improve_offline` is the fully offline alternative, from logged preferences with pi_i as the
+reference and no Q: DMPO on (winner, loser) conversation pairs (`dmpo.py`) and DPO on the
+business's edits of suggestions (`dpo.py`). Both write the adapter the same way.
 
 How pi_{i+1} relates to pi_i and the base model, in every algorithm:
 
@@ -26,18 +29,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from workers.learning.chat import ChatMessage
-from workers.learning.configs import GRPOConfig, PPOConfig, RLOOConfig
+from workers.learning.configs import DMPOConfig, DPOConfig, GRPOConfig, PPOConfig, RLOOConfig
 from workers.learning.policy_model import ProgressFn, RewardFn
+from workers.learning.preferences import EditPair, PreferencePair
 
 log = logging.getLogger(__name__)
 
 Algorithm = Literal["ppo", "rloo", "grpo"]
+OfflineAlgorithm = Literal["dmpo", "dpo"]
 
 HISTORY_FILE = "improve_history.json"
 
@@ -62,17 +67,102 @@ def improve_policy(
     output_dir: Path,
     progress: ProgressFn | None = None,
 ) -> ImproveResult:
-    """Train pi_{i+1} from pi_i = base_model + parent_adapter and save it to output_dir.
-
-    The adapter is written to a sibling `.part` directory and renamed into place at the end, so
-    output_dir either holds a complete adapter or does not exist. An existing non-empty
-    output_dir is refused: whether to reuse it is the caller's decision.
-    """
+    """Train pi_{i+1} from pi_i = base_model + parent_adapter against Q and save it to
+    output_dir (see `_staged` for how it is written)."""
     expected = {"ppo": PPOConfig, "rloo": RLOOConfig, "grpo": GRPOConfig}[algorithm]
     if not isinstance(config, expected):
         raise ValueError(f"algorithm {algorithm!r} needs a {expected.__name__}, got {config!r}")
     if not prompts:
         raise ValueError("no prompts to improve the policy on")
+
+    def train(staging: Path, report: ProgressFn) -> tuple[dict[str, float], list[dict[str, float]]]:
+        if isinstance(config, PPOConfig):
+            from workers.learning.ppo import train_ppo
+
+            return train_ppo(
+                base_model=base_model,
+                parent_adapter=parent_adapter,
+                prompts=prompts,
+                reward_fn=reward_fn,
+                config=config,
+                output_dir=staging,
+                progress=report,
+            )
+        from workers.learning.rl_trl import train_trl
+
+        return train_trl(
+            base_model=base_model,
+            parent_adapter=parent_adapter,
+            prompts=prompts,
+            reward_fn=reward_fn,
+            config=config,
+            output_dir=staging,
+            progress=report,
+        )
+
+    log.info("improving %s with %s on %d prompts", parent_adapter, algorithm, len(prompts))
+    return _staged(algorithm, parent_adapter, config, output_dir, progress, train)
+
+
+def improve_offline(
+    *,
+    algorithm: OfflineAlgorithm,
+    base_model: Path,
+    parent_adapter: Path,
+    data: Sequence[PreferencePair] | Sequence[EditPair],
+    config: DMPOConfig | DPOConfig,
+    output_dir: Path,
+    progress: ProgressFn | None = None,
+) -> ImproveResult:
+    """Train pi_{i+1} from pi_i on logged preferences, no sampling and no Q: DMPO on
+    (winner, loser) conversation pairs, or DPO on the business's edits of suggestions."""
+    expected = {"dmpo": DMPOConfig, "dpo": DPOConfig}[algorithm]
+    if not isinstance(config, expected):
+        raise ValueError(f"algorithm {algorithm!r} needs a {expected.__name__}, got {config!r}")
+    if not data:
+        what = "conversation pairs" if algorithm == "dmpo" else "edited or rejected suggestions"
+        raise ValueError(f"no {what} to improve the policy on")
+
+    def train(staging: Path, report: ProgressFn) -> tuple[dict[str, float], list[dict[str, float]]]:
+        if isinstance(config, DMPOConfig):
+            from workers.learning.dmpo import train_dmpo
+
+            pairs = [p for p in data if isinstance(p, PreferencePair)]
+            return train_dmpo(
+                base_model=base_model,
+                parent_adapter=parent_adapter,
+                pairs=pairs,
+                config=config,
+                output_dir=staging,
+                progress=report,
+            )
+        from workers.learning.dpo import train_dpo
+
+        edits = [e for e in data if isinstance(e, EditPair)]
+        return train_dpo(
+            base_model=base_model,
+            parent_adapter=parent_adapter,
+            edits=edits,
+            config=config,
+            output_dir=staging,
+            progress=report,
+        )
+
+    log.info("improving %s with %s on %d preferences", parent_adapter, algorithm, len(data))
+    return _staged(algorithm, parent_adapter, config, output_dir, progress, train)
+
+
+def _staged(
+    algorithm: str,
+    parent_adapter: Path,
+    config: Any,
+    output_dir: Path,
+    progress: ProgressFn | None,
+    train: Callable[[Path, ProgressFn], tuple[dict[str, float], list[dict[str, float]]]],
+) -> ImproveResult:
+    """Run `train` into a sibling `.part` directory and rename it into place at the end, so
+    output_dir either holds a complete adapter or does not exist. An existing non-empty
+    output_dir is refused: whether to reuse it is the caller's decision."""
     if not (Path(parent_adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no LoRA adapter at {parent_adapter}")
     output_dir = Path(output_dir)
@@ -83,32 +173,7 @@ def improve_policy(
         shutil.rmtree(staging)  # left by an interrupted run of this same step
     staging.mkdir(parents=True)
     report = progress or (lambda _stage, _fraction: None)
-
-    log.info("improving %s with %s on %d prompts", parent_adapter, algorithm, len(prompts))
-    if isinstance(config, PPOConfig):
-        from workers.learning.ppo import train_ppo
-
-        metrics, history = train_ppo(
-            base_model=base_model,
-            parent_adapter=parent_adapter,
-            prompts=prompts,
-            reward_fn=reward_fn,
-            config=config,
-            output_dir=staging,
-            progress=report,
-        )
-    else:
-        from workers.learning.rl_trl import train_trl
-
-        metrics, history = train_trl(
-            base_model=base_model,
-            parent_adapter=parent_adapter,
-            prompts=prompts,
-            reward_fn=reward_fn,
-            config=config,
-            output_dir=staging,
-            progress=report,
-        )
+    metrics, history = train(staging, report)
     record = {
         "algorithm": algorithm,
         "parent_adapter": str(parent_adapter),

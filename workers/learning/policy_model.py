@@ -102,6 +102,15 @@ def load_policy(base_model: Path, parent_adapter: Path, device: str) -> PeftMode
     return model.to(device)
 
 
+def end_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end a reply: the model's eos ids, then the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return [int(i) for i in ids]
+
+
 def save_policy(model: PeftModel, output_dir: Path) -> None:
     """Save only the trained adapter, at the root of output_dir (peft's format)."""
     model.save_pretrained(str(output_dir), selected_adapters=[POLICY_ADAPTER])

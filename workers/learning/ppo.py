@@ -64,6 +64,7 @@ from workers.learning.policy_model import (
     ProgressFn,
     RewardFn,
     checked_rewards,
+    end_token_ids,
     load_policy,
     load_tokenizer,
     resolve_device,
@@ -269,7 +270,7 @@ def sample_replies(
     device = next(model.parameters()).device
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     encoded = encoded.to(device)
-    end_ids = _end_token_ids(model, tokenizer)
+    end_ids = end_token_ids(model, tokenizer)
     generation = GenerationConfig(
         **NEUTRAL_GENERATION,
         max_new_tokens=max_new_tokens,
@@ -543,7 +544,7 @@ def peft_engine(
     try:
         engine = DecodeEngine(
             base,
-            end_token_ids=_end_token_ids(model, tokenizer),
+            end_token_ids=end_token_ids(model, tokenizer),
             max_batch=max_batch,
             max_positions=min(int(base.config.max_position_embeddings), 8192),
         )
@@ -697,14 +698,6 @@ def check_rollout_logprobs(
             "policy being trained"
         )
     return gap
-
-
-def _end_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return [int(i) for i in ids]
 
 
 def _prompt_batches(
