@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 import time
@@ -174,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             rows.append(row)
             print(_line(row), flush=True)
+        if args.output:  # after every seed: a long run that stops keeps what it measured
+            args.output.write_text(json.dumps(rows, indent=2))
     print(_pooled(rows))
-    if args.output:
-        args.output.write_text(json.dumps(rows, indent=2))
     return 0
 
 
@@ -205,7 +206,8 @@ def _line(row: dict[str, Any]) -> str:
     parts.append(f"accepted {_pct(accepted, row['acceptance_interval'])}")
     if row["score"] is not None:
         low, high = row["score_interval"]
-        parts.append(f"score {row['score']:+.3f} ({low:+.3f} to {high:+.3f})")
+        interval = "" if math.isnan(low) else f" ({low:+.3f} to {high:+.3f})"
+        parts.append(f"score {row['score']:+.3f}{interval}")
     if row["check_gain"] is not None:
         low, high = row["check_gain_interval"]
         gain = f"check gain {row['check_gain']:+.3f}"
