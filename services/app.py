@@ -20,8 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services import metrics
 from services import models as _all_tables  # noqa: F401  (every table known to the ORM)
 from services.audit.endpoints import router as audit_router
+from services.boundary import RequestBoundary
 from services.conversations.endpoints import router as conversations_router
 from services.db import make_engine, make_session_factory
+from services.error_schemas import ERROR_RESPONSES
 from services.errors import (
     HTTP_CODES,
     DomainError,
@@ -82,7 +84,7 @@ def create_app(
             try:
                 app.state.backends.get()
             except ModelNotPrepared as exc:
-                log.warning("suggestions unavailable until the model is prepared: %s", exc)
+                log.warning("suggestions unavailable until the model is prepared: %s", exc.detail)
         try:
             yield
         finally:
@@ -94,6 +96,7 @@ def create_app(
         version="0.1.0",
         description="Suggested responses that drive conversation outcomes.",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.runner = runner
 
@@ -165,6 +168,8 @@ def create_app(
             )
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    # Outermost: nothing a store cannot keep exactly, and no oversized body, reaches a route.
+    app.add_middleware(RequestBoundary, max_body_bytes=settings.max_body_bytes)
     app.include_router(conversations_router)
     app.include_router(suggestions_router)
     app.include_router(businesses_router)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from services.settings import Settings
@@ -31,8 +32,19 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
+# Documents the scheme in OpenAPI; checking the key (and the 401 for a missing one, in our
+# error format) stays with `authenticate`.
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="apiKey",
+    description="An API key (`outcomeloop keys create`): a business's key for its own "
+    "conversations and suggestions, an operator's for everything else.",
+)
+
+
 def get_principal(
     session: SessionDep,
+    _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
     return authenticate(session, authorization=authorization)

@@ -16,6 +16,9 @@ AfterQuery = Annotated[
     str | None, Query(max_length=64, description="The last id of the previous page.")
 ]
 LimitQuery = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
+# Integer cursors (audit ids, event seqs) are 32-bit in the store: a larger one is a 422, not
+# a database error.
+MAX_INT_CURSOR = 2**31 - 1
 
 
 class Page(BaseModel, Generic[T]):

@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(
         default=8000, ge=1, description="Longest accepted message or suggestion text."
     )
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        description="Largest accepted request body; a larger one is a 413 (services/boundary.py).",
+    )
+    max_metadata_bytes: int = Field(
+        default=16_384,
+        ge=2,
+        description="Largest accepted conversation `metadata`, as compact JSON (UTF-8 bytes).",
+    )
     edit_similarity_threshold: float = Field(
         default=0.5,
         ge=0.0,

@@ -13,6 +13,7 @@ from services.db import make_engine, make_session_factory, session_scope
 from services.experiments.decisions import GUARDRAIL_TASK
 from services.iterations.models import Step
 from services.iterations.runner import CHECK_TASK, STEP_TASK, CeleryRunner
+from services.iterations.service import dispatch, stalled_iterations
 from services.settings import get_settings
 from workers.celery_app import app
 
@@ -49,7 +50,9 @@ def run_step(self, iteration_id: str, step: str) -> None:  # type: ignore[no-unt
         log.info("%s; retrying later", exc)
         raise self.retry(countdown=30, max_retries=None) from None
     if following is not None:
-        runner().submit(iteration_id, following)
+        with session_scope(session_factory()) as session:
+            # a broker that is down now fails the iteration at `following` (retry resumes it)
+            dispatch(session, runner(), iteration_id=iteration_id, step=following)
 
 
 @app.task(name=CHECK_TASK)
@@ -59,9 +62,21 @@ def check_new_data() -> str | None:
 
     settings = get_settings()
     with session_scope(session_factory()) as session:
+        # Queued longer than the broker keeps an unacknowledged message: the step was lost.
+        stalled = stalled_iterations(
+            session, older_than_s=max(settings.celery_visibility_timeout_s, settings.step_lease_s)
+        )
+    for stalled_id, step in stalled:
+        log.warning(
+            "iteration %s was queued at %s and lost its step: queued again", stalled_id, step
+        )
+        with session_scope(session_factory()) as session:
+            dispatch(session, runner(), iteration_id=stalled_id, step=step)
+    with session_scope(session_factory()) as session:
         iteration_id = maybe_start_iteration(session, settings=settings)
     if iteration_id is not None:
-        runner().submit(iteration_id, Step.RETURNS)
+        with session_scope(session_factory()) as session:
+            dispatch(session, runner(), iteration_id=iteration_id, step=Step.RETURNS)
     return iteration_id
 
 

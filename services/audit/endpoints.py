@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from services.audit import schemas, service
 from services.deps import OperatorDep, SessionDep
-from services.pages import Page
+from services.pages import MAX_INT_CURSOR, Page
 
 router = APIRouter(prefix="/v1/audit", tags=["operator"])
 
@@ -17,7 +17,9 @@ router = APIRouter(prefix="/v1/audit", tags=["operator"])
 def list_audit(
     session: SessionDep,
     _: OperatorDep,
-    after: Annotated[int | None, Query(ge=0, description="Last id of the previous page.")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_INT_CURSOR, description="Last id of the previous page.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Page[schemas.AuditEventOut]:
     events, has_more = service.list_events(session, after=after, limit=limit)

@@ -23,6 +23,7 @@ def create_conversation(
     body: schemas.ConversationCreate,
     session: SessionDep,
     business_id: BusinessIdDep,
+    settings: SettingsDep,
     response: Response,
 ) -> schemas.ConversationSummary:
     written = service.create_conversation(
@@ -30,6 +31,7 @@ def create_conversation(
         business_id=business_id,
         client_conversation_id=body.client_conversation_id,
         meta=body.metadata,
+        settings=settings,
     )
     session.commit()
     _mark(response, written.replayed)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy.orm import Session
 
+from services.boundary import UnsafeInput, strict_loads
 from services.conversations import repository
 from services.conversations.classification import classify_reply
 from services.conversations.models import (
@@ -36,6 +37,7 @@ from services.conversations.models import (
     Speaker,
     Suggestion,
 )
+from services.conversations.service import check_metadata
 from services.db import new_id, utcnow
 from services.errors import Invalid
 from services.settings import Settings
@@ -133,9 +135,12 @@ def parse_lines(
         if not raw.strip():
             continue
         try:
-            data = json.loads(raw)
+            data = strict_loads(raw)  # the API's rule: nothing a store cannot keep exactly
         except json.JSONDecodeError as exc:
             errors.append(LineError(number, f"malformed JSON: {exc.msg} at column {exc.colno}"))
+            continue
+        except UnsafeInput as exc:
+            errors.append(LineError(number, str(exc)))
             continue
         if not isinstance(data, dict):
             errors.append(LineError(number, "a line must be a JSON object"))
@@ -163,6 +168,11 @@ def parse_lines(
                     "characters (OUTCOMELOOP_MAX_MESSAGE_CHARS)",
                 )
             )
+            continue
+        try:
+            check_metadata(record.meta, settings=settings)
+        except Invalid as exc:
+            errors.append(LineError(number, f"meta: {exc.message}"))
             continue
         key = (record.business_id, record.id)
         if key in seen:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.conversations import repository
@@ -50,24 +52,66 @@ def _not_found(conversation_id: str) -> NotFound:
     return NotFound(f"conversation {conversation_id} not found")
 
 
+def check_metadata(meta: dict[str, Any] | None, *, settings: Settings) -> None:
+    """Free-form metadata is stored as is, up to OUTCOMELOOP_MAX_METADATA_BYTES of JSON."""
+    if meta is None:
+        return
+    size = len(json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    if size > settings.max_metadata_bytes:
+        raise Invalid(
+            f"metadata is {size} bytes of JSON; the limit is {settings.max_metadata_bytes} "
+            "(OUTCOMELOOP_MAX_METADATA_BYTES)",
+            param="metadata",
+        )
+
+
 def create_conversation(
     session: Session,
     *,
     business_id: str,
     client_conversation_id: str | None = None,
     meta: dict[str, Any] | None = None,
+    settings: Settings | None = None,
 ) -> Written[Conversation]:
+    """A new conversation; a retry with the same client_conversation_id returns the first one
+    (a different metadata is a conflict), also when the retries race each other. With
+    `settings`, the metadata's size is checked."""
+    if settings is not None:
+        check_metadata(meta, settings=settings)
     if client_conversation_id is not None:
         existing = repository.get_conversation_by_external_id(
             session, business_id=business_id, external_id=client_conversation_id
         )
         if existing is not None:
-            return Written(existing, replayed=True)
+            return _replayed(existing, client_conversation_id, meta)
     conversation = Conversation(
         business_id=business_id, external_id=client_conversation_id, meta=meta
     )
-    repository.add(session, conversation)
+    try:
+        with session.begin_nested():
+            repository.add(session, conversation)
+    except IntegrityError:  # a concurrent create with the same id committed first
+        if client_conversation_id is None:
+            raise
+        existing = repository.get_conversation_by_external_id(
+            session, business_id=business_id, external_id=client_conversation_id
+        )
+        if existing is None:
+            raise
+        return _replayed(existing, client_conversation_id, meta)
     return Written(conversation)
+
+
+def _replayed(
+    existing: Conversation, client_conversation_id: str, meta: dict[str, Any] | None
+) -> Written[Conversation]:
+    if (existing.meta or None) != (meta or None):
+        raise Conflict(
+            f"client_conversation_id {client_conversation_id!r} was already used for "
+            f"conversation {existing.id} with different metadata",
+            param="metadata",
+        )
+    return Written(existing, replayed=True)
 
 
 def get_conversation(session: Session, *, business_id: str, conversation_id: str) -> Conversation:

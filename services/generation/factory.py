@@ -8,7 +8,18 @@ from services.settings import Settings
 
 
 class ModelNotPrepared(DomainError):
+    """No base model where the settings point. Its message is what API clients see (no server
+    path); `detail` says where it was looked for, for the logs and the operator's CLI."""
+
     status_code = 503
+    code = "unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "suggestions are unavailable until an operator prepares the model "
+            "(outcomeloop models prepare)"
+        )
+        self.detail = detail
 
 
 def build_backend(settings: Settings) -> GenerationBackend:

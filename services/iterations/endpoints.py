@@ -12,7 +12,7 @@ from services.errors import Unavailable
 from services.iterations import repository, schemas, service
 from services.iterations.models import Iteration, Step
 from services.iterations.runner import StepRunner
-from services.pages import AfterQuery, LimitQuery, Page, unknown_cursor
+from services.pages import MAX_INT_CURSOR, AfterQuery, LimitQuery, Page, unknown_cursor
 
 router = APIRouter(prefix="/v1/iterations", tags=["operator"])
 
@@ -48,7 +48,7 @@ def create_iteration(
 ) -> schemas.IterationOut:
     iteration = service.create_iteration(session, settings=settings, request=body)
     session.commit()
-    runner.submit(iteration.id, Step.RETURNS)  # only after the commit
+    service.dispatch(session, runner, iteration_id=iteration.id, step=Step.RETURNS)
     return _out(session, iteration)
 
 
@@ -83,7 +83,7 @@ def list_events(
     session: SessionDep,
     _: OperatorDep,
     after: Annotated[
-        int | None, Query(ge=0, description="The last seq of the previous page.")
+        int | None, Query(ge=0, le=MAX_INT_CURSOR, description="The last seq of the previous page.")
     ] = None,
     limit: LimitQuery = 100,
 ) -> Page[schemas.EventOut]:
@@ -101,7 +101,7 @@ def approve(
 ) -> schemas.IterationOut:
     iteration = service.approve(session, iteration_id=iteration_id, actor=operator.key_id)
     session.commit()
-    runner.submit(iteration.id, Step.DEPLOY)
+    service.dispatch(session, runner, iteration_id=iteration.id, step=Step.DEPLOY)
     return _out(session, iteration)
 
 
@@ -129,5 +129,5 @@ def retry(
 ) -> schemas.IterationOut:
     step = service.retry(session, iteration_id=iteration_id, override_gate=body.override_gate)
     session.commit()
-    runner.submit(iteration_id, step)
+    service.dispatch(session, runner, iteration_id=iteration_id, step=step)
     return _out(session, service.get_iteration(session, iteration_id=iteration_id))

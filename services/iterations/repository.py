@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from services.db import newest_first_page
-from services.iterations.models import ACTIVE, Iteration, IterationEvent, IterationStep
+from services.iterations.models import (
+    ACTIVE,
+    Iteration,
+    IterationEvent,
+    IterationStatus,
+    IterationStep,
+)
 
 
 def get_iteration(session: Session, *, iteration_id: str) -> Iteration | None:
@@ -44,6 +51,14 @@ def list_iterations(session: Session, *, limit: int = 100) -> Sequence[Iteration
 
 def active_iterations(session: Session) -> Sequence[Iteration]:
     return session.scalars(select(Iteration).where(Iteration.status.in_(ACTIVE))).all()
+
+
+def queued_before(session: Session, *, cutoff: datetime) -> Sequence[Iteration]:
+    return session.scalars(
+        select(Iteration).where(
+            Iteration.status == IterationStatus.QUEUED.value, Iteration.updated_at < cutoff
+        )
+    ).all()
 
 
 def latest_iteration(session: Session) -> Iteration | None:

@@ -41,6 +41,15 @@ def celery_client(settings: Settings) -> Any:
         task_ignore_result=True,
         task_default_queue="cpu",
         broker_connection_retry_on_startup=True,
+        # A broker that is down fails a send within seconds (the API answers 503 and the
+        # iteration can be retried) instead of holding the request for the default ~16 s.
+        broker_connection_timeout=2,
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 1.0,
+        },
         # Above the longest step, or Redis redelivers a step that is still running.
         broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s},
     )

@@ -4,6 +4,7 @@ step that is done is skipped, one running under a live lease waits, one whose le
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from services.audit import service as audit
 from services.db import utcnow
-from services.errors import Conflict, Invalid, NotFound
+from services.errors import Conflict, Invalid, NotFound, Unavailable
 from services.experiments import repository as experiments
 from services.experiments.models import GLOBAL_SCOPE
 from services.iterations import repository
@@ -28,6 +29,7 @@ from services.iterations.models import (
     Step,
 )
 from services.iterations.pipeline_config import PipelineConfig
+from services.iterations.runner import StepRunner
 from services.iterations.schemas import IterationRequest
 from services.policies import service as policies
 from services.policies.models import PolicyStatus
@@ -35,6 +37,8 @@ from services.settings import Settings
 from workers.learning.config_build import IMPROVEMENT_CONFIGS, OFFLINE_ALGORITHMS
 from workers.learning.configs import QFitConfig
 from workers.learning.returns import ReturnsConfig
+
+log = logging.getLogger(__name__)
 
 TERMINAL = {IterationStatus.SUCCEEDED, IterationStatus.FAILED, IterationStatus.CANCELLED}
 
@@ -335,6 +339,42 @@ def fail_step(session: Session, *, iteration_id: str, step: Step, error: str) ->
     iteration.updated_at = now
     add_event(session, iteration, "failed", iteration.error)
     session.flush()
+
+
+def dispatch(session: Session, runner: StepRunner, *, iteration_id: str, step: Step) -> None:
+    """Queue `step`, after the transaction that made it due has committed. If the queue refuses
+    (the broker is down), the iteration is failed at that step, so that it neither sits queued
+    forever nor blocks automatic iterations, and `retry` resumes it; Unavailable (503) says so."""
+    try:
+        runner.submit(iteration_id, step)
+    except Exception as exc:
+        log.error("iteration %s: could not queue %s: %r", iteration_id, step.value, exc)
+        session.rollback()
+        iteration = _locked(session, iteration_id)
+        iteration.current_step = step.value  # where retry resumes
+        fail_step(
+            session,
+            iteration_id=iteration_id,
+            step=step,
+            error=f"could not queue the step ({type(exc).__name__}); retry when the queue is up",
+        )
+        session.commit()
+        raise Unavailable(
+            f"the step queue is unreachable: iteration {iteration_id} is failed at "
+            f"{step.value}; retry it (POST /v1/iterations/{iteration_id}/retry) when the queue "
+            "is back"
+        ) from None
+
+
+def stalled_iterations(session: Session, *, older_than_s: float) -> list[tuple[str, Step]]:
+    """Queued iterations untouched for `older_than_s` (longer than the broker keeps an
+    unacknowledged step): their step message was lost between commit and queue (a crash), so
+    it is sent again; steps are idempotent, a duplicate does no harm."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return [
+        (it.id, Step(it.current_step or PIPELINE[0].value))
+        for it in repository.queued_before(session, cutoff=cutoff)
+    ]
 
 
 class IterationCancelled(Exception):

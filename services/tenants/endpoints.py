@@ -25,7 +25,12 @@ def list_businesses(
     return Page(data=[schemas.BusinessOut.model_validate(b) for b in rows], has_more=has_more)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.BusinessOut)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=schemas.BusinessOut,
+    responses={200: {"model": schemas.BusinessOut, "description": "It existed: returned as is."}},
+)
 def create_business(
     body: schemas.BusinessCreate, session: SessionDep, _: OperatorDep, response: Response
 ) -> schemas.BusinessOut:

@@ -7,6 +7,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.audit import service as audit
@@ -58,7 +59,17 @@ def ensure_business(
     existing = repository.get_business(session, business_id=business_id)
     if existing is not None:
         return existing, False
-    return repository.add_business(session, business_id=business_id, name=name or business_id), True
+    try:
+        with session.begin_nested():
+            business = repository.add_business(
+                session, business_id=business_id, name=name or business_id
+            )
+    except IntegrityError:  # a concurrent request created it a moment ago
+        existing = repository.get_business(session, business_id=business_id)
+        if existing is None:
+            raise
+        return existing, False
+    return business, True
 
 
 def create_api_key(

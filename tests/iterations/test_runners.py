@@ -137,3 +137,59 @@ def test_outcomeloop_serve_runs_steps_in_the_server(sqlite_store: Store, tmp_pat
             assert time.monotonic() < deadline, body
             time.sleep(0.1)
     assert "no training data" in body["error"]
+
+
+def test_an_unreachable_queue_fails_the_iteration_fast_and_retry_resumes_it(
+    store: Store,
+) -> None:
+    """Redis down when an iteration is created: a 503 within seconds (was a 500, and the
+    iteration sat `queued` forever, refused by retry and blocking automatic iterations)."""
+    from fastapi.testclient import TestClient
+
+    from services.app import create_app
+    from services.iterations import repository
+
+    down = store.settings.model_copy(
+        update={"task_runner": "celery", "redis_url": "redis://127.0.0.1:9/0"}  # nothing listens
+    )
+    policy = f"p-{uuid.uuid4().hex[:8]}"
+    with session_scope(store.factory) as session:
+        register_policy(
+            session,
+            policy_id=policy,
+            base_model="/m",
+            adapter_uri="/a",
+            status=PolicyStatus.APPROVED,
+        )
+    operator = store.operator_key()
+    with TestClient(create_app(down, runner=CeleryRunner(down))) as client:
+        started = time.monotonic()
+        response = client.post(
+            "/v1/iterations",
+            json={"parent_policy_id": policy, "data": {"business_id": "nobody"}},
+            headers=auth(operator),
+        )
+        elapsed = time.monotonic() - started
+    assert response.status_code == 503, response.text
+    assert "retry" in response.json()["error"]["message"] and elapsed < 20, elapsed
+    with session_scope(store.factory) as session:
+        [iteration] = [
+            it
+            for it in repository.page_iterations(session, after=None, limit=100)[0]
+            if it.parent_policy_id == policy
+        ]
+        assert iteration.status == "failed" and iteration.current_step == "returns"
+        assert "could not queue" in (iteration.error or "")
+        # not in flight: it no longer keeps beat from starting an automatic iteration
+        assert iteration.id not in {it.id for it in repository.active_iterations(session)}
+        iteration_id = iteration.id
+    # The queue is back (here: the in-process runner): retry resumes at the step never queued.
+    with TestClient(
+        create_app(store.settings, runner=BlockingRunner(store.settings, store.factory))
+    ) as client:
+        retried = client.post(
+            f"/v1/iterations/{iteration_id}/retry", json={}, headers=auth(operator)
+        )
+    assert retried.status_code == 200, retried.text
+    status, error = _status(store, iteration_id)
+    assert status == "failed" and error is not None and "no training data" in error

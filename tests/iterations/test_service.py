@@ -198,3 +198,18 @@ def test_cancel_stops_a_running_step_at_its_next_progress_report(
         assert step is not None and step.status == "failed"
         assert step.error == "cancelled by an operator"
         assert [e.kind for e in iteration.events][-2:] == ["cancelled", "step_stopped"]
+
+
+def test_an_iteration_that_lost_its_step_message_is_found_stalled(store: Store) -> None:
+    """Queued, untouched for longer than the broker keeps a message: its step was lost between
+    commit and queue (a crash), and beat sends it again."""
+    from datetime import timedelta
+
+    from services.db import utcnow
+
+    lost, fresh = _iteration(store), _iteration(store)
+    with session_scope(store.factory) as session:
+        service.get_iteration(session, iteration_id=lost).updated_at = utcnow() - timedelta(hours=2)
+    with session_scope(store.factory) as session:
+        stalled = dict(service.stalled_iterations(session, older_than_s=3600))
+    assert stalled.get(lost) == Step.RETURNS and fresh not in stalled
