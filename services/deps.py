@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from services.settings import Settings
 from services.tenants.service import Principal, authenticate
+
+log = logging.getLogger(__name__)
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -19,8 +23,14 @@ def get_session(request: Request) -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.rollback()
-        session.close()
+        try:
+            session.rollback()
+            session.close()
+        except SQLAlchemyError as exc:
+            # The database went away after the route answered (a restart): the connection is
+            # dead and is dropped from the pool; the answer already given stands.
+            log.warning("closing a request's session failed: %s", exc)
+            session.invalidate()
 
 
 def get_app_settings(request: Request) -> Settings:
