@@ -26,19 +26,14 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select
 
-ADMIN_URL = os.environ.get(
-    "OUTCOMELOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+from tests.reliability import TinyWorld, tiny_world
+
 REDIS_DB = 14
 
 
@@ -78,28 +73,23 @@ def redis_restart(moment: str = "running") -> int:
     """moment "running": Redis restarts while the improvement step runs; "queued": while the
     first step's message waits in Redis for a worker (started only afterwards), so the message
     is lost and only beat's sweep can bring the iteration back."""
+    with tiny_world("fault") as world:
+        return _redis_restart(moment, world)
+
+
+def _redis_restart(moment: str, world: TinyWorld) -> int:
     from services.db import make_engine, make_session_factory, session_scope
     from services.experiments.service import ArmSpec, create_experiment
     from services.iterations import service
     from services.iterations.models import Step
     from services.iterations.runner import CeleryRunner
     from services.iterations.schemas import parse_iteration_request
-    from services.migrate import upgrade
     from services.policies.models import Policy, PolicyStatus
     from services.policies.service import register_policy
     from services.settings import Settings
     from tests.iterations.scenario import write_policy_logs
-    from tests.tiny_model import build_tiny_model
-    from workers.learning.adapters import LoraSpec, create_zero_adapter
 
-    work = Path(tempfile.mkdtemp(prefix="outcomeloop-fault-"))
-    model = build_tiny_model(work / "model")
-    adapter = create_zero_adapter(model, work / "pi0", LoraSpec(r=4, alpha=8))
-    name = f"outcomeloop_fault_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    url, work, model, adapter = world.url, world.work, world.model, world.adapter
     redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
     lease = 8
     env = {
@@ -115,7 +105,6 @@ def redis_restart(moment: str = "running") -> int:
     }
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        upgrade(url)
         settings = Settings(
             database_url=url,
             redis_url=redis_url,
@@ -243,9 +232,6 @@ def redis_restart(moment: str = "running") -> int:
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 SCENARIOS = {

@@ -27,22 +27,16 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, func, select
 
-ADMIN_URL = os.environ.get(
-    "OUTCOMELOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+from tests.reliability import TinyWorld, tiny_world
 
 
 @dataclass
@@ -225,64 +219,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suggest-every", type=int, default=3)
     parser.add_argument("--fault", choices=["none", "postgres-restart"], default="none")
     args = parser.parse_args(argv)
+    with tiny_world("load") as world:
+        return run(args, world)
 
+
+def run(args: argparse.Namespace, world: TinyWorld) -> int:
     from services.db import make_engine, make_session_factory, session_scope
     from services.experiments.service import ArmSpec, create_experiment
-    from services.migrate import upgrade
     from services.policies.models import PolicyStatus
     from services.policies.service import register_policy
     from services.tenants.models import Role
     from services.tenants.service import create_api_key
     from tests.server import free_port, wait_healthy
-    from tests.tiny_model import build_tiny_model
-    from workers.learning.adapters import LoraSpec, create_zero_adapter
 
-    work = Path(tempfile.mkdtemp(prefix="outcomeloop-load-"))
-    model = build_tiny_model(work / "model")
-    adapter = create_zero_adapter(model, work / "pi0", LoraSpec(r=4, alpha=8))
-    name = f"outcomeloop_load_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    process = None
+    engine = make_engine(world.url)
+    with session_scope(make_session_factory(engine)) as session:
+        key = create_api_key(session, role=Role.BUSINESS, business_id="load")
+        register_policy(
+            session,
+            policy_id="pi0-load",
+            base_model=str(world.model),
+            adapter_uri=str(world.adapter),
+            status=PolicyStatus.APPROVED,
+        )
+        create_experiment(
+            session, name="load", business_id="load", arms=[ArmSpec("control", "pi0-load", 1.0)]
+        )
+    engine.dispose()
+    port = free_port()
+    log = world.work / "server.log"
+    env = {
+        **os.environ,
+        "OUTCOMELOOP_DATABASE_URL": world.url,
+        "OUTCOMELOOP_DATA_DIR": str(world.work),
+        "OUTCOMELOOP_BASE_MODEL": str(world.model),
+        "OUTCOMELOOP_MAX_NEW_TOKENS": "8",
+        "OUTCOMELOOP_LOG_LEVEL": "WARNING",
+        "OUTCOMELOOP_DB_POOL_SIZE": str(args.clients),
+    }
+    with log.open("w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services", "serve", "--port", str(port)],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        upgrade(url)
-        engine = make_engine(url)
-        with session_scope(make_session_factory(engine)) as session:
-            key = create_api_key(session, role=Role.BUSINESS, business_id="load")
-            register_policy(
-                session,
-                policy_id="pi0-load",
-                base_model=str(model),
-                adapter_uri=str(adapter),
-                status=PolicyStatus.APPROVED,
-            )
-            create_experiment(
-                session, name="load", business_id="load", arms=[ArmSpec("control", "pi0-load", 1.0)]
-            )
-        engine.dispose()
-        port = free_port()
-        log = work / "server.log"
-        env = {
-            **os.environ,
-            "OUTCOMELOOP_DATABASE_URL": url,
-            "OUTCOMELOOP_DATA_DIR": str(work),
-            "OUTCOMELOOP_BASE_MODEL": str(model),
-            "OUTCOMELOOP_MAX_NEW_TOKENS": "8",
-            "OUTCOMELOOP_LOG_LEVEL": "WARNING",
-            "OUTCOMELOOP_DB_POOL_SIZE": str(args.clients),
-        }
-        with log.open("w") as handle:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "services", "serve", "--port", str(port)],
-                env=env,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-            )
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(process, f"{base_url}/healthz", log, timeout=120)
-
         ledger = Ledger()
         stop = threading.Event()
         threads = [
@@ -294,14 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         for t in threads:
             t.start()
-        downtime = None
         if args.fault == "postgres-restart":
             time.sleep(args.seconds / 3)
             downtime = restart_postgres()
-            print(
-                f"postgres restarted: accepting connections again after {downtime:.1f} s",
-                flush=True,
-            )
+            print(f"postgres restarted: accepting connections again after {downtime:.1f} s")
             time.sleep(max(0.0, args.seconds - (time.monotonic() - started)))
         else:
             time.sleep(args.seconds)
@@ -309,39 +289,32 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             t.join()
         elapsed = time.monotonic() - started
-        report = verify(url, ledger)
-        acknowledged = (
-            len(ledger.conversations)
-            + len(ledger.messages)
-            + len(ledger.outcomes)
-            + len(ledger.closed)
-        )
-        errors = sum(v for s, v in ledger.statuses.items() if not s.startswith(("2",)))
-        print(
-            f"clients {args.clients}, {elapsed:.0f} s, fault {args.fault}: {ledger.requests} "
-            f"requests ({ledger.requests / elapsed:.1f}/s), {ledger.suggestions} suggestions; "
-            f"statuses {dict(sorted(ledger.statuses.items()))}; non-2xx or transport errors "
-            f"{errors} ({errors / max(ledger.requests, 1):.2%}); retries {ledger.retries}; "
-            f"writes given up {dict(ledger.failed) or 0}"
-        )
-        print(
-            f"acknowledged writes {acknowledged}: {len(ledger.conversations)} conversations, "
-            f"{len(ledger.messages)} messages, {len(ledger.outcomes)} outcomes, "
-            f"{len(ledger.closed)} closes; in the database: {report}"
-        )
-        bad = {k: v for k, v in report.items() if v}
-        print("events lost or duplicated: 0" if not bad else f"FAILED: {bad}")
-        return 1 if bad else 0
     finally:
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    report = verify(world.url, ledger)
+    acknowledged = (
+        len(ledger.conversations) + len(ledger.messages) + len(ledger.outcomes) + len(ledger.closed)
+    )
+    errors = sum(v for s, v in ledger.statuses.items() if not s.startswith("2"))
+    print(
+        f"clients {args.clients}, {elapsed:.0f} s, fault {args.fault}: {ledger.requests} "
+        f"requests ({ledger.requests / elapsed:.1f}/s), {ledger.suggestions} suggestions; "
+        f"statuses {dict(sorted(ledger.statuses.items()))}; non-2xx or transport errors "
+        f"{errors} ({errors / max(ledger.requests, 1):.2%}); retries {ledger.retries}; "
+        f"writes given up {dict(ledger.failed) or 0}"
+    )
+    print(
+        f"acknowledged writes {acknowledged}: {len(ledger.conversations)} conversations, "
+        f"{len(ledger.messages)} messages, {len(ledger.outcomes)} outcomes, "
+        f"{len(ledger.closed)} closes; in the database: {report}"
+    )
+    bad = {k: v for k, v in report.items() if v}
+    print("events lost or duplicated: 0" if not bad else f"FAILED: {bad}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
