@@ -1,24 +1,31 @@
-"""Append throughput on Postgres: events/s with N concurrent clients, against a baseline.
+"""Append throughput on Postgres: events/s with N concurrent clients, against baselines.
 
     python -m tests.benchmarks.bench_append [--clients 32] [--seconds 20] [--workers 2]
+        [--results tests/benchmarks/results.jsonl]
 
 Starts the real API (uvicorn subprocess, `--workers` processes) on a fresh Postgres database,
-then drives it with concurrent asyncio clients. The baseline, measured in the same run with the
-same clients, is GET /healthz (one trivial database round trip): the printed ratio says how much
-of the server's request capacity an append costs. Two shapes: every client on its own
-conversation, and all clients on one hot conversation (they serialise on its row lock).
+then drives it with concurrent asyncio clients. Two baselines, measured in the same run with
+the same number of clients: GET /healthz (one trivial database round trip through the API: how
+much of the server's request capacity an append costs) and pgbench running single-row INSERTs
+straight into Postgres (the practical limit of logging on this machine). Two shapes: every
+client on its own conversation, and all clients on one hot conversation (they serialise on its
+row lock). With --results, one JSON line (machine, date, commit, figures) is appended there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -77,11 +84,50 @@ async def _drive(base_url: str, key: str, clients: int, seconds: float, shape: s
         return done / (time.perf_counter() - started)
 
 
+def pgbench_inserts(url: str, clients: int, seconds: float) -> float:
+    """Single-row INSERT transactions per second by pgbench, `clients` connections."""
+    parsed = make_url(url)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE bench_insert (id bigserial PRIMARY KEY, body text)"))
+    engine.dispose()
+    script = Path(tempfile.mkdtemp()) / "insert.sql"
+    script.write_text("INSERT INTO bench_insert (body) VALUES ('customer message text');\n")
+    result = subprocess.run(
+        [
+            "pgbench", "-n", "-h", parsed.host or "127.0.0.1", "-p", str(parsed.port or 5432),
+            "-U", parsed.username or "postgres", "-c", str(clients), "-j", str(os.cpu_count() or 1),
+            "-T", str(int(seconds)), "-f", str(script), parsed.database or "postgres",
+        ],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", result.stdout)
+    if match is None:
+        raise RuntimeError(f"no tps in pgbench's output:\n{result.stdout}\n{result.stderr}")
+    return float(match.group(1))
+
+
+def append_result(path: Path, figures: dict[str, object]) -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    record = {
+        "benchmark": "bench_append",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        **figures,
+    }
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--results", type=Path)
     args = parser.parse_args()
 
     name = f"outcomeloop_bench_{uuid.uuid4().hex[:8]}"
@@ -139,10 +185,22 @@ def main() -> None:
             f"cores={os.cpu_count()}"
         )
         print(f"baseline GET /healthz:            {results['healthz']:8.1f} req/s")
+        process.terminate()
+        process.wait(timeout=15)
+        process = None
+        results["pgbench"] = pgbench_inserts(url, args.clients, args.seconds)
+        print(f"baseline pgbench single-row INSERT: {results['pgbench']:8.1f} tps (no API)")
         for shape, label in (("spread", "own conversation each"), ("hot", "one hot conversation")):
             print(
                 f"append, {label:<24} {results[shape]:8.1f} events/s "
-                f"(ratio to baseline {results[shape] / results['healthz']:.2f})"
+                f"(ratio to /healthz {results[shape] / results['healthz']:.2f}, "
+                f"to pgbench {results[shape] / results['pgbench']:.3f})"
+            )
+        if args.results:
+            append_result(
+                args.results,
+                {"clients": args.clients, "workers": args.workers, "seconds": args.seconds}
+                | {k: round(v, 1) for k, v in results.items()},
             )
     finally:
         if process is not None:
