@@ -227,21 +227,35 @@ def count_ended_since(session: Session, *, since: datetime | None) -> int:
 # that no suggestion answered (at the state before the turn); a business turn is a run of
 # consecutive business messages; the first outcome absorbs. Every decision is returned, with
 # `after_outcome` = 1 for those the absorbing outcome removes, so callers can count them.
+#
+# Linear per conversation: window functions number the turns and count them before each
+# decision, where correlated subqueries over CTEs (no index) made it quadratic per chunk
+# (tests/benchmarks/bench_returns.py: 150x slower than a Python loop over the same rows).
 _DECISION_RETURNS = text(
     """
     WITH msgs AS (
         SELECT m.conversation_id, m.id AS message_id, m.seq, m.role, m.suggestion_id,
-               LAG(m.role) OVER (PARTITION BY m.conversation_id ORDER BY m.seq) AS prev_role
+               CASE WHEN m.role = 'business'
+                     AND COALESCE(LAG(m.role) OVER (
+                         PARTITION BY m.conversation_id ORDER BY m.seq), '') <> 'business'
+                    THEN 1 ELSE 0 END AS turn_start
         FROM messages m
         WHERE m.conversation_id IN :ids
     ),
+    numbered AS (
+        SELECT conversation_id, message_id, seq, role, suggestion_id, turn_start,
+               SUM(turn_start) OVER (
+                   PARTITION BY conversation_id ORDER BY seq ROWS UNBOUNDED PRECEDING
+               ) AS turn_no
+        FROM msgs
+    ),
     turns AS (
-        SELECT t.conversation_id, t.message_id, t.seq AS start_seq,
-               (SELECT MIN(c.seq) FROM msgs c
-                WHERE c.conversation_id = t.conversation_id AND c.role = 'customer'
-                  AND c.seq > t.seq) AS end_before
-        FROM msgs t
-        WHERE t.role = 'business' AND (t.prev_role IS NULL OR t.prev_role <> 'business')
+        SELECT conversation_id, turn_no, MIN(seq) AS start_seq,
+               MIN(CASE WHEN turn_start = 1 THEN message_id END) AS message_id,
+               MAX(CASE WHEN suggestion_id IS NOT NULL THEN 1 ELSE 0 END) AS answered
+        FROM numbered
+        WHERE role = 'business'
+        GROUP BY conversation_id, turn_no
     ),
     bounds AS (
         SELECT o.conversation_id, MIN(o.seq) AS outcome_seq
@@ -251,10 +265,13 @@ _DECISION_RETURNS = text(
     ),
     deciding AS (
         SELECT b.conversation_id, b.outcome_seq,
-               (SELECT MAX(t.start_seq) FROM turns t
-                WHERE t.conversation_id = b.conversation_id
-                  AND t.start_seq <= b.outcome_seq) AS deciding_start
+               MAX(CASE WHEN t.start_seq <= b.outcome_seq THEN t.start_seq END)
+                   AS deciding_start,
+               SUM(CASE WHEN t.start_seq <= b.outcome_seq THEN 1 ELSE 0 END)
+                   AS turns_upto_outcome
         FROM bounds b
+        LEFT JOIN turns t ON t.conversation_id = b.conversation_id
+        GROUP BY b.conversation_id, b.outcome_seq
     ),
     decisions AS (
         SELECT s.conversation_id, s.id AS suggestion_id, NULL AS message_id, s.state_seq,
@@ -265,36 +282,45 @@ _DECISION_RETURNS = text(
         SELECT t.conversation_id, NULL AS suggestion_id, t.message_id, t.start_seq - 1,
                NULL AS made_at
         FROM turns t
-        WHERE NOT EXISTS (
-            SELECT 1 FROM msgs b
-            WHERE b.conversation_id = t.conversation_id AND b.role = 'business'
-              AND b.suggestion_id IS NOT NULL AND b.seq >= t.start_seq
-              AND (t.end_before IS NULL OR b.seq < t.end_before)
-        )
+        WHERE t.answered = 0
+    ),
+    events AS (
+        SELECT conversation_id, start_seq AS pos, 0 AS is_decision, 1 AS is_turn,
+               NULL AS suggestion_id, NULL AS message_id, NULL AS state_seq, NULL AS made_at
+        FROM turns
+        UNION ALL
+        SELECT conversation_id, state_seq AS pos, 1 AS is_decision, 0 AS is_turn,
+               suggestion_id, message_id, state_seq, made_at
+        FROM decisions
     ),
     counted AS (
-        SELECT d.conversation_id, d.suggestion_id, d.message_id, d.state_seq, d.made_at,
+        -- turns started at or before each decision's state: a turn at the state's own seq
+        -- sorts first (is_decision 0)
+        SELECT e.conversation_id, e.suggestion_id, e.message_id, e.state_seq, e.made_at,
+               e.is_decision,
+               SUM(e.is_turn) OVER (
+                   PARTITION BY e.conversation_id ORDER BY e.pos, e.is_decision
+                   ROWS UNBOUNDED PRECEDING
+               ) AS turn
+        FROM events e
+    ),
+    scored AS (
+        SELECT c.conversation_id, c.suggestion_id, c.message_id, c.state_seq, c.made_at, c.turn,
                g.outcome_seq,
-               (SELECT COUNT(*) FROM turns t
-                WHERE t.conversation_id = d.conversation_id AND t.start_seq <= d.state_seq)
-                   AS turn,
-               CASE WHEN g.outcome_seq IS NULL THEN NULL ELSE (
-                   SELECT COUNT(*) FROM turns t
-                   WHERE t.conversation_id = d.conversation_id AND t.start_seq > d.state_seq
-                     AND t.start_seq <= g.outcome_seq
-               ) END AS turns_to_outcome,
+               g.turns_upto_outcome - c.turn AS turns_to_outcome,
                CASE WHEN g.outcome_seq IS NULL THEN 0
-                    WHEN g.deciding_start IS NOT NULL AND d.state_seq < g.deciding_start THEN 0
+                    WHEN g.deciding_start IS NOT NULL AND c.state_seq < g.deciding_start THEN 0
                     ELSE 1 END AS after_outcome
-        FROM decisions d
-        LEFT JOIN deciding g ON g.conversation_id = d.conversation_id
+        FROM counted c
+        LEFT JOIN deciding g ON g.conversation_id = c.conversation_id
+        WHERE c.is_decision = 1
     )
     SELECT conversation_id, suggestion_id, message_id, state_seq, turn, outcome_seq,
            after_outcome,
            CASE WHEN after_outcome = 0 AND turns_to_outcome = 1 THEN 1.0 ELSE 0.0 END AS reward,
            CASE WHEN after_outcome = 1 OR outcome_seq IS NULL THEN 0.0
                 ELSE POWER(:gamma, turns_to_outcome - 1) END AS ret
-    FROM counted
+    FROM scored
     ORDER BY conversation_id, state_seq, made_at IS NULL, made_at, suggestion_id, message_id
     """
 ).bindparams(bindparam("ids", expanding=True))
