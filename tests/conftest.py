@@ -41,6 +41,12 @@ def _postgres_available() -> str | None:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh database for this test run, migrated with `alembic upgrade head`, then dropped."""
+    yield from fresh_postgres_database()
+
+
+def fresh_postgres_database() -> Iterator[str]:
+    """A fresh migrated database of its own (the body of a fixture: skip, or fail in CI, when
+    PostgreSQL is not reachable)."""
     problem = _postgres_available()
     if problem is not None:
         if os.environ.get("CI"):

@@ -15,14 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
 from services.app import create_app
-from tests.conftest import Store, _store
+from tests.conftest import Store, _store, fresh_postgres_database
 
 EXAMPLES = int(os.environ.get("OUTCOMELOOP_FUZZ_EXAMPLES", "25"))
 
 
 @pytest.fixture(scope="module")
-def fuzz_store(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    yield from _store("postgres", postgres_url, tmp_path_factory.mktemp("fuzz"))
+def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    """A database of its own: the fuzzer writes whatever the schema allows."""
+    for url in fresh_postgres_database():
+        yield from _store("postgres", url, tmp_path_factory.mktemp("fuzz"))
 
 
 @pytest.fixture(scope="module")
