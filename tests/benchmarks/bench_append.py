@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -36,6 +33,7 @@ from services.db import make_engine, make_session_factory, session_scope
 from services.migrate import upgrade
 from services.tenants.models import Role
 from services.tenants.service import create_api_key
+from tests.benchmarks.results import append_result
 from tests.server import free_port
 
 ADMIN_URL = os.environ.get(
@@ -105,21 +103,6 @@ def pgbench_inserts(url: str, clients: int, seconds: float) -> float:
     if match is None:
         raise RuntimeError(f"no tps in pgbench's output:\n{result.stdout}\n{result.stderr}")
     return float(match.group(1))
-
-
-def append_result(path: Path, figures: dict[str, object]) -> None:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    record = {
-        "benchmark": "bench_append",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": commit,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        **figures,
-    }
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 def main() -> None:
@@ -199,6 +182,7 @@ def main() -> None:
         if args.results:
             append_result(
                 args.results,
+                "bench_append",
                 {"clients": args.clients, "workers": args.workers, "seconds": args.seconds}
                 | {k: round(v, 1) for k, v in results.items()},
             )

@@ -17,15 +17,11 @@ a JSON line (machine, date, commit, figures).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import uuid
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -34,6 +30,7 @@ from sqlalchemy.engine import make_url
 from services.conversations.repository import decision_returns
 from services.db import make_engine, make_session_factory, session_scope
 from services.migrate import upgrade
+from tests.benchmarks.results import append_result
 
 ADMIN_URL = os.environ.get(
     "OUTCOMELOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -165,18 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.append({"messages": messages, **{k: round(v, 3) for k, v in t.items()}})
     admin.dispose()
     if args.results:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        record = {
-            "benchmark": "bench_returns",
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "commit": commit,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "sizes": figures,
-        }
-        with args.results.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_result(args.results, "bench_returns", {"sizes": figures})
     return 0
 
 

@@ -1,12 +1,13 @@
 """Suggestion latency and throughput through our API versus calling the same backend directly.
 
     python -m tests.benchmarks.bench_suggest [--backend embedded|vllm] [--requests 16]
-        [--vllm-url URL] [--max-new-tokens 32]
+        [--vllm-url URL] [--max-new-tokens 32] [--concurrency 1,8,32] [--results FILE]
 
 Both sides get the same prompts (the API's own prompt builder makes them) and the same greedy
 sampling; the direct side calls the backend interface in this process, the API side is a real
 uvicorn server process on the embedded SQLite store. Prints p50/p99 latency and throughput at
-concurrency 1 and 8, and the API/direct ratios from this one run.
+each concurrency, and the API/direct ratios from this one run; with --results, appends them to
+the results file.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from services.generation.base import (
     SamplingParams,
 )
 from services.policies.prompt import Turn, build_prompt, system_prompt
+from tests.benchmarks.results import append_result
 from tests.real_model import prepared_smollm2
 from tests.server import free_port
 
@@ -77,7 +79,10 @@ def main() -> None:
     parser.add_argument("--vllm-url", default="http://127.0.0.1:8001")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--results", type=Path)
     args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
 
     model = prepared_smollm2()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-suggest-"))
@@ -138,7 +143,7 @@ def main() -> None:
         base_url=base,
         headers={"Authorization": f"Bearer {key}"},
         timeout=600,
-        limits=httpx.Limits(max_connections=16),
+        limits=httpx.Limits(max_connections=2 * max(levels)),
     )
     try:
         for _ in range(600):
@@ -170,7 +175,8 @@ def main() -> None:
             f"max_new_tokens={args.max_new_tokens} greedy, cores={os.cpu_count()}"
         )
         print(f"{'conc':>4} {'side':>6} {'p50 s':>8} {'p99 s':>8} {'req/s':>8}")
-        for concurrency in (1, 8):
+        figures: dict[str, dict[str, float]] = {}
+        for concurrency in levels:
             fresh_conversations(args.requests)
             ours = _measure(api, args.requests, concurrency)
             theirs = _measure(direct, args.requests, concurrency)
@@ -183,6 +189,16 @@ def main() -> None:
                 f"{concurrency:>4}  ratio api/direct: p50 {ours['p50'] / theirs['p50']:.2f}, "
                 f"p99 {ours['p99'] / theirs['p99']:.2f}, "
                 f"throughput {ours['throughput'] / theirs['throughput']:.2f}"
+            )
+            figures[str(concurrency)] = {
+                **{f"api_{k}": round(v, 3) for k, v in ours.items()},
+                **{f"direct_{k}": round(v, 3) for k, v in theirs.items()},
+            }
+        if args.results:
+            append_result(
+                args.results,
+                "bench_suggest",
+                {"backend": args.backend, "requests": args.requests, "by_concurrency": figures},
             )
     finally:
         http.close()
