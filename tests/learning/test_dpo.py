@@ -15,7 +15,7 @@ from tests.learning.test_ppo import (
     one_thread,  # noqa: F401  (a fixture, used by name below)
 )
 from workers.learning.chat import Turn
-from workers.learning.configs import DPOConfig
+from workers.learning.configs import DMPOConfig, DPOConfig
 from workers.learning.dpo import dpo_rows, selected_edits
 from workers.learning.improve import improve_offline
 from workers.learning.preferences import EditPair
@@ -97,3 +97,33 @@ def test_dpo_on_edits_learns_what_the_business_wrote(
     assert new.keys() == old.keys()  # TRL's "ref" copy is not saved with it
     assert reported[-1] == ("done", 1.0)
     assert result.metrics["pairs"] == 20
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("algorithm", ["dpo", "dmpo"])
+def test_the_reference_is_the_parent_policy_not_the_base(
+    algorithm: str, tiny_model: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """From a parent that differs from the base, the first step's loss is exactly ln 2: the
+    policy and the reference are the same pi_i, so every implicit reward is 0. (A reference of
+    the base model would give another loss.)"""
+    import math
+
+    from tests.learning.test_dmpo import _newline_pairs
+
+    data: list = [  # type: ignore[type-arg]
+        edit(m[-1].content, WINNER_TURN, LOSER_TURN) for m in TRAIN_PROMPTS[:8]
+    ]
+    config: DPOConfig | DMPOConfig = DPOConfig(n_epochs=1, batch_size=4, device="cpu")
+    if algorithm == "dmpo":
+        data, config = _newline_pairs(8), DMPOConfig(n_epochs=1, batch_size=4, device="cpu")
+    result = improve_offline(
+        algorithm=algorithm,  # type: ignore[arg-type]
+        base_model=tiny_model,
+        parent_adapter=tiny_adapters["noisy"],
+        data=data,
+        config=config,
+        output_dir=tmp_path / "pi1",
+    )
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert result.history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)

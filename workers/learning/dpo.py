@@ -124,6 +124,8 @@ def train_dpo(
             max_grad_norm=config.max_grad_norm,
             beta=config.beta,
             max_length=config.max_length,
+            # pi_i is frozen: its log-probs once, before training, not in every epoch
+            precompute_ref_log_probs=True,
             seed=config.seed,
             data_seed=config.seed,
             use_cpu=device == "cpu",
