@@ -24,7 +24,7 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from services.conversations.repository import decision_returns
@@ -80,6 +80,15 @@ def python_returns(rows: list[tuple[str, int, str]], outcomes: dict[str, int]) -
     return totals
 
 
+def read_rows(engine: Engine) -> list[tuple[str, int, str]]:
+    """Every message's (conversation, seq, role), in order: one read of the table."""
+    with engine.connect() as connection:
+        query = text(
+            "SELECT conversation_id, seq, role FROM messages ORDER BY conversation_id, seq"
+        )
+        return [(r[0], r[1], r[2]) for r in connection.execute(query)]
+
+
 def measure(url: str, conversations: int) -> dict[str, float]:
     engine = make_engine(url)
     with engine.begin() as connection:
@@ -94,26 +103,11 @@ def measure(url: str, conversations: int) -> dict[str, float]:
     sql_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    with engine.connect() as connection:
-        rows = [
-            (r[0], r[1], r[2])
-            for r in connection.execute(
-                text(
-                    "SELECT conversation_id, seq, role FROM messages ORDER BY conversation_id, seq"
-                )
-            )
-        ]
+    read_rows(engine)
     scan_seconds = time.perf_counter() - started
     started = time.perf_counter()
+    rows = read_rows(engine)
     with engine.connect() as connection:
-        rows = [
-            (r[0], r[1], r[2])
-            for r in connection.execute(
-                text(
-                    "SELECT conversation_id, seq, role FROM messages ORDER BY conversation_id, seq"
-                )
-            )
-        ]
         outcomes = {
             r[0]: r[1]
             for r in connection.execute(
