@@ -4,8 +4,8 @@
         [--vllm-url URL] [--max-new-tokens 32] [--concurrency 1,8,32] [--results FILE]
 
 Both sides get the same prompts (the API's own prompt builder makes them) and the same greedy
-sampling; the direct side calls the backend interface in this process, the API side is a real
-uvicorn server process on the embedded SQLite store. Prints p50/p99 latency and throughput at
+sampling; the direct side calls the backend interface in this process (under the OpenMP runtime
+the server uses), the API side is a real uvicorn server process on the embedded SQLite store. Prints p50/p99 latency and throughput at
 each concurrency, and the API/direct ratios from this one run; with --results, appends them to
 the results file.
 """
@@ -82,6 +82,12 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--results", type=Path)
     args = parser.parse_args()
+    # The direct side runs in this process: the same OpenMP runtime as the API server's
+    # (`outcomeloop serve` relaunches with the configured one), or the ratio measures that.
+    from services.openmp import relaunch_with_intel_openmp
+    from services.settings import Settings
+
+    relaunch_with_intel_openmp(Settings().openmp)
     levels = [int(c) for c in args.concurrency.split(",")]
 
     model = prepared_smollm2()
