@@ -5,9 +5,9 @@
 
 Both sides get the same prompts (the API's own prompt builder makes them) and the same greedy
 sampling; the direct side calls the backend interface in this process (under the OpenMP runtime
-the server uses), the API side is a real uvicorn server process on the embedded SQLite store. Prints p50/p99 latency and throughput at
-each concurrency, and the API/direct ratios from this one run; with --results, appends them to
-the results file.
+the server uses), the API side is a real uvicorn server process on the embedded SQLite store.
+Prints p50/p99 latency and throughput at each concurrency, and the API/direct ratios from this
+one run; with --results, appends them to the results file.
 """
 
 from __future__ import annotations
