@@ -132,7 +132,12 @@ def test_iteration_end_to_end_with_approval(
     metrics = done["metrics"]
     held_out = next(s["result"]["eval"] for s in done["steps"] if s["step"] == "returns")
     # Conversation ids are random, so how many the hash split holds out varies from run to run.
-    assert metrics["check_states"] == metrics["estimate_conversations"] == min(10, held_out)
+    # The check Q splits them in two folds of equal size; from 4 conversations each fold has a
+    # head fitted on at least 2 conversations of the other, so every chosen decision is scored.
+    if held_out >= 4:
+        assert metrics["check_states"] == metrics["estimate_conversations"] == min(10, held_out)
+    else:
+        assert metrics["check_states"] == metrics["estimate_conversations"] <= held_out
     assert isinstance(metrics["check_flagged"], bool)
     if metrics["check_states"] >= MIN_CLUSTERS:
         assert metrics["check_gain_lo"] <= metrics["check_gain"] <= metrics["check_gain_hi"]

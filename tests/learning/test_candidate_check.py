@@ -3,8 +3,11 @@ is flagged by a check Q fitted on other data, and not flagged where its Q was ri
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,9 @@ from tests.learning.test_ppo import (
 from tests.tiny_model import CORPUS
 from workers.learning.candidate_check import (
     CheckDecision,
+    CheckQ,
     CheckSettings,
+    balanced_folds,
     fold_of,
     run_check,
 )
@@ -112,7 +117,8 @@ def test_the_check_flags_a_candidate_that_exploited_a_planted_error(
         for c in range(12)
         for t in range(2)
     ]
-    assert {fold_of(d.conversation_id) for d in decisions} == {0, 1}
+    folds = balanced_folds(e.conversation_id for e in examples)
+    assert {folds[d.conversation_id] for d in decisions} == {0, 1}
     result = run_check(
         base_model=tiny_model,
         parent_adapter=tiny_adapters["zero"],
@@ -154,3 +160,51 @@ def test_the_check_flags_a_candidate_that_exploited_a_planted_error(
     assert all(len(r["replies"]["candidate"]) == 8 for r in records)
     assert result.rates["n_conversations"] == 12
     assert result.rates["logged"]["value"] == pytest.approx(4 / 12)
+
+
+def test_balanced_folds_split_conversations_evenly_by_hash_rank() -> None:
+    ids = [f"conv-{i}" for i in range(101)] + ["conv-3", "conv-7"]  # repeats count once
+    folds = balanced_folds(ids)
+    # From the definition: rank the distinct ids by their hash fold key, deal them in turn.
+    ranked = sorted(set(ids), key=lambda c: hashlib.sha256(f"check-fold:{c}".encode()).digest())
+    assert folds == {c: i % 2 for i, c in enumerate(ranked)}
+    assert sorted(Counter(folds.values()).values()) == [50, 51]
+    assert balanced_folds(reversed(ids)) == folds  # the order they come in does not matter
+
+
+def lopsided_ids(n: int) -> list[str]:
+    """n conversation ids of which the hash alone puts all but one in fold 0."""
+    zeros = [c for c in (f"c-{i}" for i in range(400)) if fold_of(c) == 0][: n - 1]
+    one = next(c for c in (f"c-{i}" for i in range(400)) if fold_of(c) == 1)
+    return [*zeros, one]
+
+
+def test_the_check_q_scores_every_held_out_fold_even_where_hashes_are_lopsided(
+    tiny_model: Path,
+) -> None:
+    """8 held-out conversations split 7 / 1 by hash left no head for the 7 (fitted on one
+    conversation): their decisions dropped out of the check (the CI failure of stop 20)."""
+    ids = lopsided_ids(8)
+    assert sorted(Counter(fold_of(c) for c in ids).values()) == [1, 7]
+    rng = random.Random(0)
+    examples = [
+        StepExample(
+            conversation_id=c,
+            step=0,
+            n_steps=1,
+            state=STATES[i % len(STATES)],
+            action=reply_with_newlines(rng, i % 3),
+            ret=float(i % 2),
+            outcome=i % 2,
+            system=SYSTEM,
+        )
+        for i, c in enumerate(ids)
+    ]
+    config = QFitConfig(kind="head", base_model=str(tiny_model), max_length=64, device="cpu")
+    check_q = CheckQ(config, examples)
+    assert sorted(Counter(check_q.fold(c) for c in ids).values()) == [4, 4]
+    assert all(check_q.can_score(check_q.fold(c)) for c in ids)
+    for fold in (0, 1):
+        members = [e for e in examples if check_q.fold(e.conversation_id) == fold]
+        scores = check_q.score(fold, [(e.system, e.state, e.action) for e in members])
+        assert len(scores) == 4 and all(math.isfinite(v) for v in scores)

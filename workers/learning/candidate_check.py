@@ -7,10 +7,10 @@ For every logged decision of up to N held-out conversations (states PPO never tr
 2. score the logged suggestion's log-probability under both, for the importance ratio
    rho = pi_{i+1}(a | s) / pi_i(a | s) times the logged behaviour ratio pi_i / mu;
 3. score every reply with a check Q, cross-fitted: the held-out conversations are split in two
-   folds by a hash of their id, and the states of one fold are scored by a linear head (ridge in
-   closed form on the frozen backbone's features, as fit_q's `head`) fitted on the other fold's
-   decisions. The check Q thus shares no data with the Q that PPO optimised (fitted on the
-   training conversations) nor with the state it scores;
+   folds of equal size (to one) by a hash of their id, and the states of one fold are scored
+   by a linear head (ridge in closed form on the frozen backbone's features, as fit_q's
+   `head`) fitted on the other fold's decisions. The check Q thus shares no data with the Q
+   that PPO optimised (fitted on the training conversations) nor with the state it scores;
 4. hand the scored decisions to workers/learning/evidence.py.
 
 The Q that PPO optimised also scores the sampled replies: the report shows the gain it claims
@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,9 +138,23 @@ class CheckResult:
     samples_file: Path
 
 
+def _fold_key(conversation_id: str) -> bytes:
+    return hashlib.sha256(f"check-fold:{conversation_id}".encode()).digest()
+
+
 def fold_of(conversation_id: str) -> int:
-    digest = hashlib.sha256(f"check-fold:{conversation_id}".encode()).digest()
-    return digest[0] % FOLDS
+    """A conversation's fold by its hash alone (for one the check Q was not fitted on)."""
+    return _fold_key(conversation_id)[0] % FOLDS
+
+
+def balanced_folds(conversation_ids: Iterable[str]) -> dict[str, int]:
+    """Folds of equal size (to one): the conversations ranked by their hash, dealt in turn.
+
+    A fold by hash alone can leave one fold with a single conversation (7 and 1 of 8 happens
+    one time in 16), and then the other fold has no head to score it: its decisions drop out.
+    """
+    ranked = sorted(set(conversation_ids), key=lambda c: (_fold_key(c), c))
+    return {c: rank % FOLDS for rank, c in enumerate(ranked)}
 
 
 def prompt_of(system: str | None, state: Sequence[Turn]) -> list[ChatMessage]:
@@ -265,10 +279,11 @@ class CheckQ:
         self.tokenizer = load_q_tokenizer(config.base_model)
         self.backbone = _frozen_backbone(config, torch.device(resolve_device(config.device)))
         self.heads: dict[int, QHead | None] = {}
+        self.folds = balanced_folds(e.conversation_id for e in examples)
         features = self._features([(e.system, e.state, e.action) for e in examples])
         for fold in range(FOLDS):
             # The head that scores `fold` is fitted on the others.
-            rows = [i for i, e in enumerate(examples) if fold_of(e.conversation_id) != fold]
+            rows = [i for i, e in enumerate(examples) if self.fold(e.conversation_id) != fold]
             if len({examples[i].conversation_id for i in rows}) < 2:
                 self.heads[fold] = None  # too little data: that fold cannot be scored
                 continue
@@ -292,6 +307,9 @@ class CheckQ:
             batch_size=self.config.batch_size,
             pad_id=int(self.tokenizer.pad_token_id),
         )[pooling]
+
+    def fold(self, conversation_id: str) -> int:
+        return self.folds.get(conversation_id, fold_of(conversation_id))
 
     def can_score(self, fold: int) -> bool:
         return self.heads.get(fold) is not None
@@ -323,7 +341,7 @@ def run_check(
     """Sample, score and estimate (see the module's docstring); writes samples.jsonl."""
     started = time.monotonic()
     check_q = CheckQ(q_config, check_examples)
-    scorable = [d for d in decisions if check_q.can_score(fold_of(d.conversation_id))]
+    scorable = [d for d in decisions if check_q.can_score(check_q.fold(d.conversation_id))]
     if not scorable:
         raise CheckUnavailable(
             "the candidate check has no held-out decision it can score: each fold of the "
@@ -371,7 +389,7 @@ def run_check(
     q_check: dict[str, list[float]] = {"logged": [0.0] * len(scorable)}
     q_check.update({name: [0.0] * len(scorable) * k for name in sampled})
     for fold in range(FOLDS):
-        members = [i for i, d in enumerate(scorable) if fold_of(d.conversation_id) == fold]
+        members = [i for i, d in enumerate(scorable) if check_q.fold(d.conversation_id) == fold]
         if not members:
             continue
         items = [(scorable[i].system, scorable[i].state, scorable[i].action) for i in members]
@@ -424,7 +442,7 @@ def run_check(
         for i, (d, s) in enumerate(zip(scorable, scored, strict=True)):
             record = {
                 **d.as_record(),
-                "fold": fold_of(d.conversation_id),
+                "fold": check_q.fold(d.conversation_id),
                 "q_logged": s.q_logged,
                 "log_ratio": log_ratio[i],
                 "rho": s.rho,
