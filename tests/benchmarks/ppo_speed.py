@@ -1,12 +1,14 @@
 """PPO's time per sample, rollouts through generate() (the baseline) against rollouts through the
 serving engine, in one run.
 
-    python -m tests.benchmarks.ppo_speed [--updates 5] [--batch-size 8] [--epochs 2]
+    python -m tests.benchmarks.ppo_speed [--updates 5] [--batch-size 8] [--minibatch-size 4]
+        [--epochs 2] [--learning-rate 1e-4]
         [--engines transformers,fast] [--by-conversation] [--openmp intel|bundled]
         [--output FILE.json]
 
 The default model (SmolLM2-135M-Instruct, float32, CPU), pi_0's adapter as the parent, the
-default demo's PPO settings (batch 8, minibatch 4, 2 epochs, 40 new tokens, lr 1e-4, beta 0.05)
+default demo's PPO settings (batch 8, minibatch 4, 2 epochs, 40 new tokens, lr 1e-4, beta 0.05;
+`--full` demo's: --batch-size 16 --minibatch-size 8 --learning-rate 2e-4)
 sampled as served (T 0.8, top_p 0.95), on simulated renovation states (the prompts PPO gets in
 the demo), with the simulator's own score as the reward (cheap: the reward's cost is not what is
 measured). Per engine: seconds per sample over all updates after the first (which loads and
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--minibatch-size", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--engines", default="transformers,fast")
     parser.add_argument(
         "--by-conversation",
@@ -64,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             config = PPOConfig(
                 num_updates=args.updates,
                 batch_size=args.batch_size,
-                minibatch_size=min(4, args.batch_size),
+                minibatch_size=min(args.minibatch_size, args.batch_size),
                 n_ppo_epochs=args.epochs,
                 max_new_tokens=40,
-                learning_rate=1e-4,
+                learning_rate=args.learning_rate,
                 beta=0.05,
                 temperature=0.8,
                 top_p=0.95,
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "engine": engine,
                 "by_conversation": args.by_conversation,
+                "batch_size": config.batch_size,
+                "minibatch_size": config.minibatch_size,
+                "n_ppo_epochs": config.n_ppo_epochs,
+                "learning_rate": config.learning_rate,
                 "updates_timed": len(timed),
                 "samples": samples,
                 "s_per_sample": round(
