@@ -3,7 +3,8 @@ serving engine, in one run.
 
     python -m tests.benchmarks.ppo_speed [--updates 5] [--batch-size 8] [--minibatch-size 4]
         [--epochs 2] [--learning-rate 1e-4]
-        [--engines transformers,fast] [--by-conversation] [--openmp intel|bundled]
+        [--engines transformers,fast] [--attention dense,tree] [--by-conversation]
+        [--openmp intel|bundled]
         [--output FILE.json]
 
 The default model (SmolLM2-135M-Instruct, float32, CPU), pi_0's adapter as the parent, the
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--engines", default="transformers,fast")
     parser.add_argument(
+        "--attention",
+        default="tree",
+        help="dense,tree: the packed minibatches' attention (PPOConfig.tree_attention)",
+    )
+    parser.add_argument(
         "--by-conversation",
         action="store_true",
         help="PPOConfig.batch_by_conversation: rollouts of whole conversations' states",
@@ -64,8 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ppo-speed-") as tmp:
         parent = create_zero_adapter(model, Path(tmp) / "pi0", LoraSpec())
-        for engine in args.engines.split(","):
+        variants = [
+            (engine, attention)
+            for engine in args.engines.split(",")
+            for attention in args.attention.split(",")
+        ]
+        for engine, attention in variants:
             config = PPOConfig(
+                tree_attention=attention == "tree",
                 num_updates=args.updates,
                 batch_size=args.batch_size,
                 minibatch_size=min(args.minibatch_size, args.batch_size),
@@ -86,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                 prompts=prompts,
                 reward_fn=oracle(scenario),
                 config=config,
-                output_dir=Path(tmp) / engine,
+                output_dir=Path(tmp) / f"{engine}-{attention}",
                 progress=lambda _what, _fraction: None,
             )
             timed = history[1:] or history
             samples = len(timed) * args.batch_size
             row = {
                 "engine": engine,
+                "attention": attention,
                 "by_conversation": args.by_conversation,
                 "batch_size": config.batch_size,
                 "minibatch_size": config.minibatch_size,
@@ -122,10 +135,18 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    by = {r["engine"]: r for r in rows}
-    if "transformers" in by and "fast" in by:
-        for key in ("s_per_sample", "rollout_s_per_sample", "optimise_s_per_sample"):
-            print(f"{key}: fast / transformers = {by['fast'][key] / by['transformers'][key]:.2f}")
+    keys = ("s_per_sample", "rollout_s_per_sample", "optimise_s_per_sample")
+    by = {(r["engine"], r["attention"]): r for r in rows}
+    for attention in args.attention.split(","):
+        fast, slow = by.get(("fast", attention)), by.get(("transformers", attention))
+        if fast and slow:
+            for key in keys:
+                print(f"{key} ({attention}): fast / transformers = {fast[key] / slow[key]:.2f}")
+    for engine in args.engines.split(","):
+        tree, dense = by.get((engine, "tree")), by.get((engine, "dense"))
+        if tree and dense:
+            for key in keys:
+                print(f"{key} ({engine}): tree / dense attention = {tree[key] / dense[key]:.2f}")
     if args.output:
         args.output.write_text(json.dumps(rows, indent=2))
     return 0

@@ -47,6 +47,7 @@ from workers.learning.ppo import (
     token_rewards,
     value_loss,
 )
+from workers.learning.tree_attention import enable_tree_attention, uses_tree_attention
 
 # -- the toy problem shared with test_rl_trl.py ----------------------------------------------
 
@@ -673,15 +674,20 @@ def test_pack_rows_by_hand() -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("attention", ["dense", "tree"])
 def test_packed_rows_score_and_back_propagate_as_each_row_alone(
-    tiny_model: Path, tiny_adapters: dict[str, Path]
+    tiny_model: Path, tiny_adapters: dict[str, Path], attention: str
 ) -> None:
     """Log-probs, hidden states and the gradient of the packed rows equal those of each row's
-    own forward pass (the definition), and shared prefixes are computed once."""
+    own forward pass (the definition), and shared prefixes are computed once: under the dense
+    tree mask and under tree attention (only the blocks that mask keeps)."""
     temperature = 0.7
     tokenizer = load_tokenizer(tiny_model)
     model = load_policy(tiny_model, tiny_adapters["noisy"], "cpu")
     model.eval()
+    if attention == "tree":
+        enable_tree_attention(model)
+        assert uses_tree_attention(model)
 
     def ids(messages: list[ChatMessage]) -> list[int]:
         text = tokenizer.apply_chat_template(
@@ -961,3 +967,28 @@ def test_prompt_batches_by_conversation_keep_each_conversations_states_together(
         assert one_pass == sorted(one_pass, key=lambda i: (runs.index(conversation_of[i]), i))
     firsts = {tuple(stream[start : start + n]) for start in range(0, len(stream), n)}
     assert len(firsts) > 1  # the conversations' order is shuffled pass to pass
+
+
+def test_tree_segments_keep_exactly_what_the_dense_tree_mask_keeps() -> None:
+    """Each query token, in the segment that holds it, sees exactly the keys the dense mask of
+    pack_rows lets it see (its ancestors and itself), and the segments cover every token once."""
+    generator = torch.Generator().manual_seed(3)
+    system = torch.randint(5, 50, (6,), generator=generator).tolist()
+    rows = []
+    for n_state, n_reply in ((4, 3), (2, 5), (4, 3), (0, 2), (7, 1)):
+        state = torch.randint(5, 50, (n_state,), generator=generator).tolist()
+        rows.append(
+            (system + state, torch.randint(5, 50, (n_reply,), generator=generator).tolist())
+        )
+    rows.append((rows[0][0], [*rows[0][1][:1], 7, 8]))  # parts from row 0 inside its reply
+    rows.append((rows[0][0][:5], [9]))  # inside row 0's prompt: adds nothing new but its reply
+    packed = pack_rows(rows)
+    dense = packed.attention_mask[0, 0] == 0  # True where a token may see another
+    rebuilt = torch.zeros_like(dense)
+    covered = []
+    for segment in packed.segments:
+        covered.extend(range(segment.start, segment.end))
+        for i, query in enumerate(range(segment.start, segment.end)):
+            rebuilt[query, segment.keys[segment.mask[i]]] = True
+    assert covered == list(range(packed.tokens))
+    assert torch.equal(rebuilt, dense)

@@ -375,6 +375,14 @@ class PPOConfig(_PolicyImprovementConfig):
             "update sees fewer conversations. Its effect on learning is not measured yet."
         },
     )
+    tree_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "The packed minibatches' attention computes only the blocks their prefix "
+            "tree lets a token see (workers/learning/tree_attention.py; equal to the dense "
+            "masked attention); false: the dense (N, N) masked attention."
+        },
+    )
     gamma_tok: float = field(
         default=1.0, metadata={"help": "Per-token discount inside one reply (GAE gamma)."}
     )

@@ -70,6 +70,12 @@ from workers.learning.policy_model import (
     resolve_device,
     save_policy,
 )
+from workers.learning.tree_attention import (
+    TreeSegment,
+    enable_tree_attention,
+    tree_segments,
+    uses_tree_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +345,7 @@ class PackedRows:
     keep_index: Tensor  # (B, C) long: each entry of `before` as an index into keep
     targets: Tensor  # (B, C) the reply tokens (0 after each row's reply)
     mask: Tensor  # (B, C) float: 1 on each row's reply tokens
+    segments: list[TreeSegment]  # each row's run of new tokens, for tree attention
 
     @property
     def tokens(self) -> int:
@@ -360,6 +367,7 @@ def pack_rows(
     before = torch.zeros((len(rows), width), dtype=torch.long)
     targets = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width))
+    paths = []
     for row, (prompt, reply) in enumerate(rows):
         if not prompt:
             raise ValueError("every packed row needs a prompt")
@@ -375,6 +383,7 @@ def pack_rows(
                 depths.append(depth)
             node = index[key]
             path.append(node)
+        paths.append(path)
         n = len(reply)
         before[row, :n] = torch.tensor(path[len(prompt) - 1 : len(prompt) - 1 + n])
         targets[row, :n] = torch.tensor([int(t) for t in reply])
@@ -398,6 +407,7 @@ def pack_rows(
         keep_index.to(device),
         targets.to(device),
         mask.to(device),
+        tree_segments(paths, device),
     )
 
 
@@ -424,12 +434,17 @@ def packed_reply_logits(
     """reply_logits for packed rows: the logits / T that predict each reply token (B, C, V) and
     the final hidden state before it (B, C, H); entries after a row's reply are filler. With
     `vocabulary` (U,) ascending token ids, only those columns of the logits (B, C, U)."""
-    extra = {"adapter_names": [adapter]} if adapter else {}
+    extra: dict[str, Any] = {"adapter_names": [adapter]} if adapter else {}
+    if uses_tree_attention(model):  # only the blocks the tree mask keeps
+        extra["tree_segments"] = packed.segments
+        attention_mask = None
+    else:
+        attention_mask = packed.attention_mask
     keep = packed.keep if vocabulary is None else packed.keep[:0]
     output = model(
         input_ids=packed.input_ids,
         position_ids=packed.position_ids,
-        attention_mask=packed.attention_mask,
+        attention_mask=attention_mask,
         output_hidden_states=True,
         logits_to_keep=keep,  # only the states that predict reply tokens
         **extra,
@@ -748,6 +763,8 @@ def train_ppo(
     model.load_adapter(str(parent_adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
     model.set_adapter(POLICY_ADAPTER)
     model.eval()
+    if config.tree_attention:  # packed minibatches: only the blocks their tree mask keeps
+        enable_tree_attention(model)
     value_head = ValueHead(model.config.hidden_size).to(device)
     policy_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
