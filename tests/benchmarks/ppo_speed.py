@@ -14,7 +14,10 @@ sampled as served (T 0.8, top_p 0.95), on simulated renovation states (the promp
 the demo), with the simulator's own score as the reward (cheap: the reward's cost is not what is
 measured). Per engine: seconds per sample over all updates after the first (which loads and
 warms up), split into the rollout (sampling, pi_i's log-probs, values) and the optimisation
-epochs, and the tokens the optimisation computes per row and epoch.
+epochs, and the tokens the optimisation computes per row and epoch. For the engine's rollouts,
+also the floor (tests/benchmarks/floor.py): the linear layers' FLOPs per sample over the best
+GEMM rate this run measured on the model's shapes, the least time any implementation of the
+same computation needs on this machine.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     relaunch_with_intel_openmp(args.openmp)  # before torch loads
+    from transformers import AutoConfig
+
     from services.simulator.scenarios import SCENARIOS
+    from tests.benchmarks.floor import SampleWork, gemm_rate, linear_flops
     from tests.benchmarks.ppo_diagnosis import oracle, states
     from tests.real_model import prepared_smollm2
     from workers.learning.adapters import LoraSpec, create_zero_adapter
@@ -65,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from workers.learning.ppo import train_ppo
 
     model = prepared_smollm2()
+    model_config = AutoConfig.from_pretrained(str(model))
+    linear = linear_flops(model_config)
+    gemm = gemm_rate(model_config)  # taken again after the runs: the best of both counts
     scenario = SCENARIOS["renovation"]
     prompts = states(scenario, 12, seed=5)
     rows: list[dict[str, Any]] = []
@@ -133,8 +142,33 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": round(time.monotonic() - started, 1),
                 "openmp": active_runtime(),
             }
+            if all("work_rollout_tokens" in h for h in timed):
+                row["work"] = SampleWork(
+                    samples=samples,
+                    forward_tokens=int(sum(h["work_rollout_tokens"] for h in timed)),
+                    forward_logits=int(sum(h["work_rollout_logits"] for h in timed)),
+                    train_tokens=int(sum(h["work_train_tokens"] for h in timed)),
+                    train_logits=int(sum(h["work_train_logits"] for h in timed)),
+                )
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "work"}), flush=True)
+    gemm = max(gemm, gemm_rate(model_config))
+    for row in rows:
+        work = row.pop("work", None)
+        if work is None:  # generate()'s rollout: its forward tokens are not counted
+            continue
+        flops = work.flops(linear)
+        row["gflop_per_sample"] = round(flops / 1e9, 1)
+        row["gemm_gflops"] = round(gemm / 1e9, 1)
+        row["floor_s_per_sample"] = round(flops / gemm, 3)
+        print(
+            f"{row['engine']}/{row['attention']}: {flops / 1e9:.1f} GFLOP per sample in the "
+            f"linear layers (rollout {work.forward_tokens / work.samples:.0f} tokens, "
+            f"optimisation {work.train_tokens / work.samples:.0f} per sample); at this run's "
+            f"best GEMM rate, {gemm / 1e9:.1f} GFLOP/s, that is at least "
+            f"{row['floor_s_per_sample']:.3f} s per sample; measured {row['s_per_sample']:.3f} "
+            f"(floor / measured = {row['floor_s_per_sample'] / row['s_per_sample']:.2f})"
+        )
     keys = ("s_per_sample", "rollout_s_per_sample", "optimise_s_per_sample")
     by = {(r["engine"], r["attention"]): r for r in rows}
     for attention in args.attention.split(","):

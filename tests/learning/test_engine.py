@@ -347,3 +347,116 @@ def test_a_failing_step_fails_the_requests_it_admitted(
         assert len(again[0].tokens) == 3 or again[0].finish_reason == "stop"
     finally:
         engine.close()
+
+
+def test_stats_count_every_token_run_forward_and_every_logit_row(
+    tiny_model: Path, arms: dict[str, Path], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What PPO's floor accounting reads (prefill + decode + scored tokens, logit rows) is what
+    the forward passes and the vocabulary projection actually ran, counted at the source."""
+    ran = {"tokens": 0, "logits": 0}
+    forward = engine_module.forward_tokens
+
+    def counting_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        ran["tokens"] += int(args[2].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "forward_tokens", counting_forward)
+    built = make_engine(tiny_model, {"attn": arms["attn"], "pi0": arms["pi0"]}, max_batch=4)
+    logits = built.logits
+
+    def counting_logits(hidden: torch.Tensor) -> torch.Tensor:
+        ran["logits"] += int(hidden.shape[0])
+        return logits(hidden)
+
+    built.logits = counting_logits  # type: ignore[method-assign]
+    try:
+        sampled = DecodeParams(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=3)
+        prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS[:3]]
+        futures = [built.submit(ids, "attn", sampled) for ids in prompts]
+        samples = [f.result()[0] for f in futures]
+        built.score(prompts[0], samples[0].tokens, "pi0", 0.8)
+        built.score(prompts[1], samples[1].tokens, "pi0", 0.8)  # reuses the system turn
+        stats = built.stats
+        assert stats.prefill_tokens + stats.decode_rows + stats.scored_tokens == ran["tokens"]
+        assert stats.logit_rows == ran["logits"]
+        # And by hand: no prompt of a fresh engine is cached, each prompt is prefilled whole
+        # by the time the requests run (shared parts may be reused); a reply of n tokens is
+        # n - 1 decode rows; scoring runs the tokens it does not reuse, n logit rows.
+        assert stats.decode_rows == sum(len(s.tokens) - 1 for s in samples)
+        assert stats.prefill_tokens + stats.reused_tokens == sum(len(p) for p in prompts)
+        assert stats.logit_rows == 3 + stats.decode_rows + len(samples[0].tokens) + len(
+            samples[1].tokens
+        )
+    finally:
+        built.close()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_scoring_many_at_once_gives_each_reply_its_definition(
+    tiny_model: Path, arms: dict[str, Path], tokenizer: Any, temperature: float
+) -> None:
+    """PPO scores a batch's replies under pi_i in one pass, over the nuclei another arm sampled
+    them from: each must be log softmax(logits / T) of the arm's own forward pass, restricted
+    to its nucleus (peft, one sequence at a time), however the rows share prefixes."""
+    built = make_engine(tiny_model, {"attn": arms["attn"], "wide": arms["wide"]}, max_batch=4)
+    try:
+        sampled = DecodeParams(max_new_tokens=10, temperature=0.8, top_p=0.7, seed=9, trace=True)
+        prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS[:3]]
+        samples = [f.result()[0] for f in [built.submit(p, "attn", sampled) for p in prompts]]
+        items = [
+            (p, s.tokens, s.trace.nucleus if s.trace and temperature else None)
+            for p, s in zip(prompts, samples, strict=True)
+        ]
+        items.append((prompts[0], [], None))  # an empty reply scores nothing
+        scored = built.score_many(items, "wide", temperature)
+        with pytest.raises(RuntimeError, match="free rows"):
+            built.score_many(items * 2, "wide", temperature)
+    finally:
+        built.close()
+    model = peft_model(tiny_model, arms["wide"])
+    assert scored[-1] == []
+    for (prompt, reply, nuclei), values in zip(items[:-1], scored[:-1], strict=True):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + reply])).logits[0]
+        logits = logits[len(prompt) - 1 : -1]
+        expected = []
+        for position, token in enumerate(reply):
+            row = logits[position]
+            if temperature == 0:
+                expected.append(float(torch.log_softmax(row, dim=-1)[token]))
+                continue
+            assert nuclei is not None
+            kept = nuclei[position].tolist()
+            restricted = torch.log_softmax(row[kept] / temperature, dim=-1)
+            expected.append(float(restricted[kept.index(token)]))
+        assert values == pytest.approx(expected, abs=1e-4)
+
+
+def test_scoring_many_computes_no_more_tokens_than_one_by_one(
+    tiny_model: Path, arms: dict[str, Path], tokenizer: Any
+) -> None:
+    """States of one conversation extend each other's prompts: one by one, each reuses the
+    last one's prompt from the prefix cache; at once, the longer waits for a second pass that
+    reuses it, so batching never computes more (and gives the same log-probs)."""
+    short = prompt_ids(tokenizer, " ".join(QUESTIONS))  # > DEFER_TOKENS past the system turn
+    longer = short + prompt_ids(tokenizer, QUESTIONS[1])
+    other = prompt_ids(tokenizer, QUESTIONS[2])
+    items = [(short, [7, 8, 9], None), (longer, [10, 11], None), (other, [12, 13, 14], None)]
+    results = {}
+    for how in ("one by one", "at once"):
+        built = make_engine(tiny_model, {"attn": arms["attn"]}, max_batch=4)
+        try:
+            # As in PPO after its first update: the system turn is in the prefix cache.
+            built.score(prompt_ids(tokenizer, QUESTIONS[3]), [5], "attn", 0.8)
+            if how == "at once":
+                values = built.score_many(items, "attn", 0.8)
+            else:
+                values = [built.score(p, c, "attn", 0.8) for p, c, _ in items]
+            results[how] = (values, built.stats.scored_tokens)
+        finally:
+            built.close()
+    assert results["at once"][0] == [pytest.approx(v, abs=1e-5) for v in results["one by one"][0]]
+    one_by_one = results["one by one"][1]
+    assert one_by_one < sum(len(p) + len(c) - 1 for p, c, _ in items)  # it did reuse
+    assert results["at once"][1] <= one_by_one

@@ -22,6 +22,7 @@ from workers.learning.configs import PPOConfig, RLOOConfig
 from workers.learning.improve import HISTORY_FILE, improve_policy
 from workers.learning.policy_model import load_policy, load_tokenizer
 from workers.learning.ppo import (
+    PROBE_PROMPT_TOKENS,
     REFERENCE_ADAPTER,
     LogprobMismatch,
     ValueHead,
@@ -846,6 +847,40 @@ def test_the_engine_rollout_is_what_the_trainer_would_score(
         assert served.rollout.input_ids[row, start : start + len(reply)].tolist() == reply
 
 
+def test_before_the_first_update_pi_i_log_probs_are_the_samplers(
+    tiny_model: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """PPO's first rollout takes pi_i's log-probs from the sampler (policy and pi_i are then the
+    same file): what a teacher-forced pass of pi_i gives on the same samples."""
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_policy(tiny_model, tiny_adapters["noisy"], "cpu")
+    model.load_adapter(str(tiny_adapters["noisy"]), REFERENCE_ADAPTER, is_trainable=False)
+    model.eval()
+    engine = rollout_engine(model, tokenizer, PPOConfig(batch_size=4, minibatch_size=2))
+    assert engine is not None
+    rollouts = {}
+    try:
+        sync_policy(engine, model)
+        for shortcut in (False, True):
+            rollouts[shortcut] = sample_from_engine(
+                engine,
+                tokenizer,
+                TRAIN_PROMPTS[:4],
+                max_new_tokens=8,
+                temperature=0.7,
+                top_p=0.9,
+                seed=3,
+                policy_is_reference=shortcut,
+            )
+    finally:
+        engine.close()
+    scored, shortcut = rollouts[False], rollouts[True]
+    mask = scored.rollout.reply_mask.bool()
+    assert torch.equal(scored.rollout.input_ids, shortcut.rollout.input_ids)  # same samples
+    assert torch.equal(shortcut.ref_logprobs, shortcut.logprobs)
+    assert torch.allclose(scored.ref_logprobs[mask], shortcut.ref_logprobs[mask], atol=1e-4)
+
+
 def test_a_stale_adapter_in_the_engine_stops_ppo(
     tiny_model: Path, tiny_adapters: dict[str, Path]
 ) -> None:
@@ -874,6 +909,11 @@ def test_a_stale_adapter_in_the_engine_stops_ppo(
                     parameter.add_(0.5 * torch.randn_like(parameter))
         with pytest.raises(LogprobMismatch, match="not sampling the policy being trained"):
             check_served_logprobs(engine, model, probe, 1.0, 0.05)
+        # PPO's probe keeps only its prompt's last tokens: that shows the stale weights too.
+        short = [(p[-PROBE_PROMPT_TOKENS:], r) for p, r in probe]
+        assert all(len(p) == PROBE_PROMPT_TOKENS for p, _ in short)
+        with pytest.raises(LogprobMismatch, match="not sampling the policy being trained"):
+            check_served_logprobs(engine, model, short, 1.0, 0.05)
         sync_policy(engine, model)
         assert check_served_logprobs(engine, model, probe, 1.0, 0.05) < 1e-3
     finally:

@@ -591,6 +591,17 @@ class _Row:
     entropy: list[float] = field(default_factory=list)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# What score_many() takes: (prompt, completion, the nuclei to renormalise over or None).
+ScoreItem = tuple[Sequence[int], Sequence[int], Sequence[Tensor] | None]
+
+
 @dataclass
 class _PrefixEntry:
     arm: str
@@ -628,6 +639,16 @@ class PrefixCache:
             self.reused_tokens += best_length
         return best, best_length
 
+    def peek(self, arm: str, prompt: list[int]) -> tuple[_PrefixEntry | None, int]:
+        """What `longest` would answer, without counting it as a use."""
+        best, best_length = None, 0
+        for entry in self.entries.values():
+            if entry.arm == arm:
+                length = _common_prefix(entry.tokens, prompt[:-1])
+                if length > best_length:
+                    best, best_length = entry, length
+        return best, best_length
+
     def add(self, entry: _PrefixEntry) -> None:
         if self.budget <= 0 or len(entry.tokens) > self.budget:
             return
@@ -656,6 +677,8 @@ class EngineStats:
     prefill_tokens: int = 0
     reused_tokens: int = 0
     generated_tokens: int = 0
+    scored_tokens: int = 0  # tokens score() ran forward (teacher forcing)
+    logit_rows: int = 0  # final states projected onto the vocabulary, by steps and score()
 
     @property
     def mean_batch(self) -> float:
@@ -783,54 +806,132 @@ class DecodeEngine:
         renormalised over those instead of this arm's own top_p nucleus. Runs on the caller's
         thread between two decode steps, in a free row of the cache, reusing the prompt's
         cached prefix."""
-        if not completion:
-            return []
+        return self.score_many([(prompt, completion, nuclei)], arm, temperature, top_p)[0]
+
+    def score_many(
+        self,
+        items: Sequence[ScoreItem],
+        arm: str,
+        temperature: float,
+        top_p: float = 1.0,
+    ) -> list[list[float]]:
+        """`score` for several (prompt, completion, nuclei) at once: one forward pass over all
+        of them (each in its own free row, reusing its cached prefix), so every weight matrix
+        is read once for all their tokens. An item that would reuse at least DEFER_TOKENS more
+        of an earlier item's prompt than the cache holds (states of one conversation) waits for
+        a second pass that does. Needs a free row per item."""
+        out: list[list[float]] = [[] for _ in items]
+        pending = [(i, item) for i, item in enumerate(items) if item[1]]
         with self._lock, torch.inference_mode():
-            if len(self._rows) >= self.max_batch:
-                raise RuntimeError("score() needs a free row; every row is decoding")
-            w, slot = self.weights, len(self._rows)
-            tokens = list(prompt) + list(completion)
-            entry, reused = self.prefix.longest(arm, tokens[: len(prompt)])
-            self.cache.ensure(len(tokens))
+            if len(self._rows) + len(pending) > self.max_batch:
+                raise RuntimeError(
+                    f"score_many() needs {len(pending)} free rows; "
+                    f"{self.max_batch - len(self._rows)} are free"
+                )
+            while pending:
+                wave: list[tuple[int, ScoreItem]] = []
+                later: list[tuple[int, ScoreItem]] = []
+                for index, item in pending:
+                    prompt = list(item[0])
+                    _, reused = self.prefix.peek(arm, prompt)
+                    if any(
+                        _common_prefix(prompt, list(other[0])) - reused >= DEFER_TOKENS
+                        for _, other in wave
+                    ):
+                        later.append((index, item))
+                    else:
+                        wave.append((index, item))
+                for index, values in zip(
+                    [i for i, _ in wave], self._score_wave([it for _, it in wave], arm), strict=True
+                ):
+                    _, completion, nuclei = items[index]
+                    out[index] = self._completion_logprobs(
+                        values, list(completion), temperature, top_p, nuclei
+                    )
+                pending = later
+            return out
+
+    def _score_wave(
+        self,
+        items: Sequence[ScoreItem],
+        arm: str,
+    ) -> list[Tensor]:
+        """One forward pass over items (free rows from the first free one on): each item's
+        logits (C, V) that predict its completion."""
+        w, first = self.weights, len(self._rows)
+        tokens: list[int] = []
+        slots: list[int] = []
+        positions: list[int] = []
+        segments: list[Segment] = []
+        for slot, (prompt, completion, _) in enumerate(items, start=first):
+            sequence = list(prompt) + list(completion)
+            entry, reused = self.prefix.longest(arm, sequence[: len(prompt)])
+            self.cache.ensure(len(sequence))
             if entry is not None:
                 for layer in range(len(w.layers)):
                     self.cache.k[layer][slot, :, :reused] = entry.k[layer][:, :reused]
                     self.cache.v[layer][slot, :, :reused] = entry.v[layer][:, :reused]
-            ids = torch.tensor(tokens[reused:-1], device=self.device)
-            length = len(ids)
-            hidden = forward_tokens(
-                w,
-                self.cache,
-                ids,
-                torch.full((length,), slot, device=self.device),
-                torch.arange(reused, reused + length, device=self.device),
-                0,
-                [Segment(slot, reused, 0, length)],
-                _Groups([(self._arms[arm], None)]),
+            run = sequence[reused:-1]
+            segments.append(Segment(slot, reused, len(tokens), len(run)))
+            tokens.extend(run)
+            slots.extend([slot] * len(run))
+            positions.extend(range(reused, reused + len(run)))
+        hidden = forward_tokens(
+            w,
+            self.cache,
+            torch.tensor(tokens, device=self.device),
+            torch.tensor(slots, device=self.device),
+            torch.tensor(positions, device=self.device),
+            0,
+            segments,
+            _Groups([(self._arms[arm], None)]),
+        )
+        picks: list[int] = []
+        for segment, (prompt, completion, _) in zip(segments, items, strict=True):
+            self._remember(arm, list(prompt), segment.slot)
+            start = segment.offset + len(prompt) - 1 - segment.start
+            picks.extend(range(start, start + len(completion)))
+        self.stats.scored_tokens += len(tokens)
+        self.stats.logit_rows += len(picks)
+        logits = self.logits(hidden[torch.tensor(picks, device=self.device)])
+        out, offset = [], 0
+        for _, completion, _ in items:
+            out.append(logits[offset : offset + len(completion)])
+            offset += len(completion)
+        return out
+
+    def _completion_logprobs(
+        self,
+        logits: Tensor,
+        completion: list[int],
+        temperature: float,
+        top_p: float,
+        nuclei: Sequence[Tensor] | None,
+    ) -> list[float]:
+        """Each completion token's log-prob under its row of logits (C, V), as `score` says."""
+        targets = torch.tensor(completion, device=self.device)
+        if temperature == 0:
+            greedy = torch.log_softmax(logits, dim=-1)
+            return [float(v) for v in greedy.gather(-1, targets[:, None])[:, 0]]
+        scaled = logits / temperature
+        if nuclei is not None:
+            # Renormalised over each position's kept ids: the rest masked out of the softmax.
+            kept = torch.zeros(scaled.shape, dtype=torch.bool, device=self.device)
+            for position, ids in enumerate(nuclei):
+                kept[position, ids.to(self.device)] = True
+            restricted = torch.log_softmax(scaled.masked_fill(~kept, float("-inf")), dim=-1)
+            return [float(v) for v in restricted.gather(-1, targets[:, None])[:, 0]]
+        if top_p >= 1.0:
+            full = torch.log_softmax(scaled, dim=-1)
+            return [float(v) for v in full.gather(-1, targets[:, None])[:, 0]]
+        out = []
+        for position, target in enumerate(completion):
+            ids_, probs = _nucleus(
+                scaled[position : position + 1], torch.tensor([top_p], device=self.device)
             )
-            self._remember(arm, list(prompt), slot)
-            logits = self.logits(hidden[len(prompt) - 1 - reused :])
-            targets = torch.tensor(list(completion), device=self.device)
-            if temperature == 0:
-                greedy = torch.log_softmax(logits, dim=-1)
-                return [float(v) for v in greedy.gather(-1, targets[:, None])[:, 0]]
-            scaled = logits / temperature
-            out = []
-            for position, target in enumerate(completion):
-                row = scaled[position : position + 1]
-                if nuclei is not None:
-                    kept = nuclei[position].to(self.device)
-                    restricted = torch.log_softmax(row[0, kept], dim=-1)
-                    where = (kept == target).nonzero()
-                    out.append(float(restricted[where[0, 0]]) if len(where) else float("-inf"))
-                    continue
-                if top_p >= 1.0:
-                    out.append(float(torch.log_softmax(row[0], dim=-1)[target]))
-                    continue
-                ids_, probs = _nucleus(row, torch.tensor([top_p], device=self.device))
-                where = (ids_[0] == target).nonzero()
-                out.append(float(torch.log(probs[0, where[0, 0]])) if len(where) else float("-inf"))
-            return out
+            where = (ids_[0] == target).nonzero()
+            out.append(float(torch.log(probs[0, where[0, 0]])) if len(where) else float("-inf"))
+        return out
 
     def _remember(self, arm: str, prompt: list[int], slot: int) -> None:
         """Offer slot's K/V of prompt to the prefix cache."""
@@ -997,6 +1098,7 @@ class DecodeEngine:
                 self._rows.append(_Row(request, index, length, -1, [], []))
                 picks.append(segment.offset + segment.length - 1)
         chosen = hidden[torch.tensor(picks, device=self.device)]
+        self.stats.logit_rows += len(picks)
         self._sample(list(self._rows), self.logits(chosen), chosen)
 
     def logits(self, hidden: Tensor) -> Tensor:

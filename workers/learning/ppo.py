@@ -23,8 +23,9 @@ Rollouts come from the serving engine (workers/learning/engine.py, `rollout_engi
 policy's adapter is copied into it after every update, it samples with the config's T and top_p
 and hands back, per token, the log-prob, the nucleus and the final hidden state it used, and it
 scores the replies under pi_i, so no scoring pass of the trainer's model is needed. After each
-sync a fixed probe reply is scored by both, and so is every reply of the update's first
-minibatch (the trainer computes those log-probs anyway, before its first step); a difference
+sync a fixed probe reply (after only the last PROBE_PROMPT_TOKENS of its prompt) is scored by
+both, and so is every reply of the update's first minibatch (full prompts: the trainer computes
+those log-probs anyway, before its first step); a difference
 above `logprob_tolerance` stops PPO (`LogprobMismatch`): peers shipped silent LoRA-sync bugs for
 months (verl #7495, OpenRLHF #1349). `rollout_engine="transformers"` samples with generate()
 and scores with the trainer.
@@ -48,7 +49,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,13 @@ from torch import Tensor, nn
 
 from workers.learning.chat import ChatMessage
 from workers.learning.configs import PPOConfig
-from workers.learning.engine import DecodeEngine, DecodeParams, LoraArm, UnsupportedModel
+from workers.learning.engine import (
+    DecodeEngine,
+    DecodeParams,
+    EngineStats,
+    LoraArm,
+    UnsupportedModel,
+)
 from workers.learning.policy_model import (
     NEUTRAL_GENERATION,
     POLICY_ADAPTER,
@@ -83,6 +90,11 @@ REFERENCE_ADAPTER = "reference"
 
 
 # -- pure tensor helpers ----------------------------------------------------------------------
+
+
+# The probe's prompt: its last tokens only. It checks that the engine runs the weights the
+# trainer holds, which any input shows; the first minibatch's rows check the full prompts.
+PROBE_PROMPT_TOKENS = 32
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -592,10 +604,12 @@ def sample_from_engine(
     temperature: float,
     top_p: float,
     seed: int,
+    policy_is_reference: bool = False,
 ) -> ServedRollout:
     """One reply per prompt from the engine's policy arm, laid out as sample_replies lays out
     generate()'s (left-padded prompts, right-padded replies), with the sampler's per-token
-    log-probs, nuclei and hidden states, and pi_i's log-probs over the same nuclei."""
+    log-probs, nuclei and hidden states, and pi_i's log-probs over the same nuclei (the
+    sampler's own where the caller knows the policy still is pi_i: before the first update)."""
     texts = [
         tokenizer.apply_chat_template(
             [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
@@ -646,11 +660,16 @@ def sample_from_engine(
             for position, kept in enumerate(sample.trace.nucleus):
                 nucleus[row, position] = False
                 nucleus[row, position, kept.cpu()] = True
-        ref_logprobs[row, :n] = torch.tensor(
-            engine.score(
-                ids, sample.tokens, REFERENCE_ADAPTER, temperature, nuclei=sample.trace.nucleus
-            )
-        )
+    # pi_i's log-probs over the sampler's nuclei: one teacher-forced pass for the whole batch.
+    if policy_is_reference:
+        ref_logprobs = logprobs.clone()
+    else:
+        items = [
+            (ids, s.tokens, s.trace.nucleus if s.trace else None)
+            for ids, s in zip(prompt_ids, samples, strict=True)
+        ]
+        for row, values in enumerate(engine.score_many(items, REFERENCE_ADAPTER, temperature)):
+            ref_logprobs[row, : len(values)] = torch.tensor(values)
     rollout = Rollout(
         input_ids,
         torch.cat([prompt_mask, reply_mask.long()], dim=1),
@@ -697,6 +716,23 @@ def check_served_logprobs(
             "policy being trained"
         )
     return gap
+
+
+def rollout_work(
+    before: EngineStats, after: EngineStats, probe: Sequence[tuple[list[int], list[int]]]
+) -> dict[str, float]:
+    """Tokens a rollout ran forward and rows it projected onto the vocabulary: the engine's
+    (prefill, decode, teacher-forced scoring) between two snapshots of its stats, and the
+    trainer's forward over the probe."""
+    decoded = after.decode_rows - before.decode_rows
+    engine_tokens = after.prefill_tokens - before.prefill_tokens + decoded
+    engine_tokens += after.scored_tokens - before.scored_tokens
+    return {
+        "work_rollout_tokens": float(engine_tokens + sum(len(p) + len(r) for p, r in probe)),
+        "work_rollout_logits": float(
+            after.logit_rows - before.logit_rows + sum(len(r) + 1 for _, r in probe)
+        ),
+    }
 
 
 def check_rollout_logprobs(
@@ -787,7 +823,9 @@ def train_ppo(
             # log-probs of the policy that sampled them, of pi_i, and the values.
             batch = [prompts[i] for i in next(batches)]
             served_gap: dict[str, float] = {}
+            work: dict[str, float] = {}
             if engine is not None:
+                before = replace(engine.stats)
                 sync_policy(engine, model)
                 served = sample_from_engine(
                     engine,
@@ -797,12 +835,15 @@ def train_ppo(
                     temperature=config.temperature,
                     top_p=config.top_p,
                     seed=config.seed * 1_000_003 + update * len(batch),
+                    # Both adapters are pi_i's file until the first optimiser step.
+                    policy_is_reference=update == 0,
                 )
                 if not probe:  # fixed from the first rollout on
-                    probe.append((served.prompts[0], served.replies[0]))
+                    probe.append((served.prompts[0][-PROBE_PROMPT_TOKENS:], served.replies[0]))
                 served_gap["served_logprob_gap"] = check_served_logprobs(
                     engine, model, probe, config.temperature, config.logprob_tolerance
                 )
+                work = rollout_work(before, engine.stats, probe)
                 rollout = served.rollout.to(device)
                 old_logprobs, ref_logprobs = (
                     served.logprobs.to(device),
@@ -854,7 +895,7 @@ def train_ppo(
                 for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")
             }
             epochs_run = 0
-            packed_tokens = 0
+            packed_tokens = packed_logits = 0
             for _ in range(config.n_ppo_epochs):
                 epoch_kl: list[float] = []
                 permutation = torch.randperm(len(batch), generator=order).tolist()
@@ -868,6 +909,7 @@ def train_ppo(
                         nucleus=None if nucleus is None else nucleus[rows],
                     )
                     packed_tokens += packed.tokens
+                    packed_logits += len(packed.keep)
                     if engine is not None and epochs_run == 0 and start == 0:
                         # Nothing is updated yet: the trainer's log-probs are the synced policy's,
                         # so they must be the sampler's on every row of this minibatch too.
@@ -919,6 +961,11 @@ def train_ppo(
                 "optimise_seconds": time.monotonic() - update_started - rollout_seconds,
                 # Tokens computed per row and epoch: shared prefixes once (pack_rows).
                 "optimise_tokens_per_row": packed_tokens / (epochs_run * len(batch)),
+                # What the linear layers computed (tests/benchmarks/floor.py turns it into FLOPs):
+                # the rollout's forward tokens and logits (engine path only), the optimisation's.
+                **work,
+                "work_train_tokens": float(packed_tokens),
+                "work_train_logits": float(packed_logits),
                 **served_gap,
                 **{key: sum(seen) / len(seen) for key, seen in stats.items()},
             }
